@@ -1,0 +1,1 @@
+"""Experiment pipelines for GenLoRA: data, evaluation and training scripts."""

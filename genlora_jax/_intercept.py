@@ -1,0 +1,126 @@
+"""Applying adapters at call time with `flax.linen.intercept_methods`.
+
+The model is not rewritten: inside `adapted()`, every ``__call__`` of a module
+whose params hold a ``"genlora"`` entry returns the adapter's output instead of
+the base output. Adapters are read from the module's own variables, so the
+same code serves plain, remat-ed and scanned layers, under `jax.jit` and
+`jax.grad`, with the base weights entering as ordinary arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jaxtyping import PRNGKeyArray
+
+from genlora_jax._adapter import Adapter
+from genlora_jax._wrap import ADAPTER_KEY, model_params, path_str
+
+_ACTIVE = threading.local()
+
+
+def _active() -> set[int]:
+    if not hasattr(_ACTIVE, "modules"):
+        _ACTIVE.modules = set()
+    return _ACTIVE.modules
+
+
+def _check_orientation(module: nn.Module, adapter: Adapter, x: jax.Array, w0: jax.Array) -> None:
+    path = path_str(module.path)
+    conv1d = type(module).__name__.endswith("Conv1D")
+    if isinstance(module, nn.Dense) == adapter.kernel_transposed or (
+        conv1d != adapter.kernel_transposed
+    ):
+        raise ValueError(
+            f"{path}: the adapter assumes a kernel stored as "
+            f"{'(out, in)' if adapter.kernel_transposed else '(in, out)'}, but the module is "
+            f"a {type(module).__name__}; fix `transposed_kernels=` in `wrap`."
+        )
+    if x.shape[-1] != w0.shape[1]:
+        raise ValueError(
+            f"{path}: the input has {x.shape[-1]} features but the adapter expects "
+            f"n={w0.shape[1]}; the kernel orientation is wrong, fix `transposed_kernels=`."
+        )
+
+
+def _interceptor(rng: PRNGKeyArray | None):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if (
+            context.method_name != "__call__"
+            or module.scope is None
+            or not module.has_variable("params", ADAPTER_KEY)
+            or id(module) in _active()
+        ):
+            return next_fun(*args, **kwargs)
+        adapter = module.get_variable("params", ADAPTER_KEY)
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"{path_str(module.path)}: {ADAPTER_KEY!r} is not an Adapter.")
+        _active().add(id(module))  # re-entrant calls (super().__call__) see the base
+        try:
+            y = next_fun(*args, **kwargs)
+        finally:
+            _active().discard(id(module))
+        kernel = module.get_variable("params", "kernel")
+        w0 = kernel if adapter.kernel_transposed else kernel.T
+        x = args[0] if args else kwargs["inputs"]
+        _check_orientation(module, adapter, x, w0)
+        has_bias = module.has_variable("params", "bias")
+        bias = module.get_variable("params", "bias") if has_bias else None
+        key = None
+        if rng is not None:
+            key = jax.random.fold_in(rng, zlib.crc32(path_str(module.path).encode()))
+        return adapter(x, y, w0=w0, bias=bias, rng=key)
+
+    return intercept
+
+
+@contextlib.contextmanager
+def adapted(*, rng: PRNGKeyArray | None = None) -> Iterator[None]:
+    """Context in which linen modules that carry an adapter use it.
+
+    Args:
+        rng: turns on adapter dropout (each module folds in a hash of its
+            path); None means deterministic.
+
+    Example:
+        >>> with gl.adapted():  # doctest: +SKIP
+        ...     y = module.apply({"params": gl.model_params(params)}, x)
+    """
+    with nn.intercept_methods(_interceptor(rng)):
+        yield
+
+
+def apply(
+    model: Any,
+    params: dict,
+    *args: Any,
+    adapter_rng: PRNGKeyArray | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Calls ``model`` with adapted ``params``.
+
+    Args:
+        model: a `transformers` Flax model (called as ``model(*args,
+            params=..., **kwargs)``) or a `flax.linen.Module` (called as
+            ``model.apply({"params": ...}, *args, **kwargs)``).
+        params: a tree returned by `wrap` (or `join`).
+        *args: model inputs.
+        adapter_rng: enables adapter dropout; None for evaluation.
+        **kwargs: passed to the model (``attention_mask``, ``train``,
+            ``dropout_rng`` for the model's own dropout, ...).
+
+    Returns:
+        Whatever the model returns.
+    """
+    tree = model_params(params)
+    with adapted(rng=adapter_rng):
+        if isinstance(model, nn.Module):
+            return model.apply({"params": tree}, *args, **kwargs)
+        return model(*args, params=tree, **kwargs)

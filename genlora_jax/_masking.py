@@ -1,0 +1,54 @@
+"""Which leaves train, and an optimizer that updates only those."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+from flax import traverse_util
+from flax.core import unfreeze
+
+from genlora_jax._adapter import Adapter
+from genlora_jax._wrap import ADAPTER_KEY
+
+
+def _array_fields(adapter: Adapter) -> list[str]:
+    return [f.name for f in dataclasses.fields(adapter) if f.metadata.get("pytree_node", True)]
+
+
+def trainable_mask(params: Any) -> Any:
+    """A tree like ``params`` with True on the leaves that train.
+
+    Trainable: the array fields of every adapter except those its config
+    freezes (`Adapter.frozen_fields`, e.g. GenLoRA's ``freeze_z_a``), and the
+    extra leaves under the root ``"genlora"`` key. Everything else is False.
+    Works on full wrapped trees, on the adapter half of `split`, and on
+    gradient trees of the same structure.
+    """
+    out = {}
+    for key, leaf in traverse_util.flatten_dict(unfreeze(params)).items():
+        if isinstance(leaf, Adapter):
+            frozen = leaf.frozen_fields()
+            out[key] = leaf.replace(**{f: f not in frozen for f in _array_fields(leaf)})
+        else:
+            out[key] = ADAPTER_KEY in key
+    return traverse_util.unflatten_dict(out)
+
+
+def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` on the trainable leaves, zero updates and no state elsewhere.
+
+    Built on `optax.multi_transform` with labels taken from `trainable_mask`,
+    so frozen leaves (the base, frozen latents) carry no optimizer state.
+
+    Example:
+        >>> tx = gl.optimizer(optax.adamw(1e-3))  # doctest: +SKIP
+        >>> opt_state = tx.init(params)           # or tx.init(split(params)[1])
+    """
+
+    def labels(tree: Any) -> Any:
+        return jax.tree.map(lambda t: "trainable" if t else "frozen", trainable_mask(tree))
+
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
