@@ -83,7 +83,7 @@ def rbf_features(
     if normalize:
         x = instance_norm(x, eps)
     mu, h = rbf_centres(centres, grid)
-    bumps = jnp.exp(-jnp.square((x[..., None] - mu) / h))
+    bumps = jnp.exp(-jnp.square((x[..., None] - mu[None, None, :]) / h))
     return jnp.concatenate([ACTIVATIONS[activation](x)[..., None], bumps], axis=-1)
 
 
