@@ -1,9 +1,15 @@
-"""Folding adapters into the base weights (W = W0 + ΔW) and back."""
+"""Folding adapters into the base weights (W = W0 + ΔW) and back.
+
+Kernels of layers under ``nn.scan`` carry leading layer axes, (L, n, m), and
+so do their adapters (``wrap(..., stacked=...)``); the per-layer weights are
+computed under `jax.vmap` over those axes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import unfreeze
@@ -13,11 +19,20 @@ from genlora_jax._wrap import ADAPTER_KEY, Params, path_str
 
 
 def _w0(kernel, adapter: Adapter):
-    return (kernel if adapter.kernel_transposed else kernel.T).astype(jnp.float32)
+    w0 = kernel if adapter.kernel_transposed else jnp.swapaxes(kernel, -1, -2)
+    return w0.astype(jnp.float32)
 
 
 def _kernel(w, adapter: Adapter, dtype):
-    return (w if adapter.kernel_transposed else w.T).astype(dtype)
+    return (w if adapter.kernel_transposed else jnp.swapaxes(w, -1, -2)).astype(dtype)
+
+
+def _per_layer(fn: Callable, kernel) -> Callable:
+    """``fn(adapter, w)`` mapped over the layer axes of a stacked kernel (all
+    but its last two axes); ``fn`` itself for a 2-D kernel."""
+    for _ in range(kernel.ndim - 2):
+        fn = jax.vmap(fn)
+    return fn
 
 
 def merge(params: Mapping) -> Params:
@@ -46,7 +61,8 @@ def merge(params: Mapping) -> Params:
             )
         kpath = (*key[:-1], "kernel")
         kernel = flat[kpath]
-        out[kpath] = _kernel(adapter.merged_weight(_w0(kernel, adapter)), adapter, kernel.dtype)
+        merged = _per_layer(lambda a, w: a.merged_weight(w), kernel)(adapter, _w0(kernel, adapter))
+        out[kpath] = _kernel(merged, adapter, kernel.dtype)
     return traverse_util.unflatten_dict(out)
 
 
@@ -63,7 +79,7 @@ def unmerge(merged: Mapping, adapters: Mapping) -> Params:
         if isinstance(leaf, Adapter):
             kpath = (*key[:-1], "kernel")
             kernel = flat[kpath]
-            w0 = leaf.unmerged_weight(_w0(kernel, leaf))
+            w0 = _per_layer(lambda a, w: a.unmerged_weight(w), kernel)(leaf, _w0(kernel, leaf))
             out[kpath] = _kernel(w0, leaf, kernel.dtype)
             out[key] = leaf
         else:

@@ -10,15 +10,19 @@ Layout of a wrapped tree (``ADAPTER_KEY = "genlora"``)::
 
 An adapter sits beside the kernel it adapts, so `flax.linen.scan` slices
 stacked adapters with their layer and the interceptor finds them through the
-module's own variables. Extra trainable leaves (a task head; PEFT's
-``modules_to_save``) move under the root key, so the tree alone says what
-trains: everything under a ``"genlora"`` key is adapter state, the rest is the
-frozen base.
+module's own variables. Layers under ``nn.scan(..., variable_axes={"params": 0})``
+store stacked kernels (L, n, m); ``wrap(..., stacked=...)`` gives their adapters
+the same leading layer axis, one independently initialised adapter per layer.
+
+Extra trainable leaves (a task head; PEFT's ``modules_to_save``) move under
+the root key, so the tree alone says what trains: everything under a
+``"genlora"`` key is adapter state, the rest is the frozen base.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -73,8 +77,21 @@ def _listing(kernels: Mapping[Path, tuple[int, ...]]) -> str:
     return f"modules with a 2-D kernel, by name (count): {shown or 'none'}; e.g. {example!r}"
 
 
-def find_targets(params: Mapping, targets: Sequence[str]) -> list[Path]:
+def _is_stacked(stacked: str | None, path: Path) -> bool:
+    """Whether the module or one of its ancestors matches ``stacked``."""
+    return stacked is not None and any(matches(stacked, path[:i]) for i in range(1, len(path) + 1))
+
+
+def find_targets(
+    params: Mapping, targets: Sequence[str], *, stacked: str | None = None
+) -> list[Path]:
     """Module paths of the 2-D projections that ``targets`` select, sorted.
+
+    Args:
+        params: the base parameter tree.
+        targets: module names or path regexes, as in `wrap`.
+        stacked: as in `wrap`; the modules it matches may have kernels with
+            leading layer axes.
 
     Raises:
         ValueError: a target matches no module, or matches a module whose
@@ -88,12 +105,22 @@ def find_targets(params: Mapping, targets: Sequence[str]) -> list[Path]:
     selected: set[Path] = set()
     for target in targets:
         hits = [p for p in kernels if matches(target, p)]
-        bad = [p for p in hits if len(kernels[p]) != 2]
+        bad = [
+            p
+            for p in hits
+            if len(kernels[p]) != 2 and not (len(kernels[p]) > 2 and _is_stacked(stacked, p))
+        ]
         if bad and (_NAME.fullmatch(target) or len(bad) == len(hits)):
             shown = ", ".join(f"{path_str(p)} {kernels[p]}" for p in bad[:4])
+            hint = ""
+            if any(len(kernels[p]) > 2 for p in bad):
+                hint = (
+                    " Layers under `nn.scan` have stacked kernels (L, n, m): name the scanned "
+                    "module with `stacked=`."
+                )
             raise ValueError(
                 f"target {target!r} matched modules whose kernel is not 2-D ({shown}); only "
-                f"2-D projections can be adapted. {_listing(kernels)}."
+                f"2-D projections can be adapted. {_listing(kernels)}.{hint}"
             )
         if not hits:
             raise ValueError(f"no module matched target {target!r}. {_listing(kernels)}.")
@@ -122,6 +149,7 @@ def wrap(
     overrides: Mapping[str, AdapterConfig | Mapping[str, Any]] | None = None,
     extra_trainable: Sequence[str] = (),
     transposed_kernels: str | None = GPT2_CONV1D,
+    stacked: str | None = None,
 ) -> Params:
     """Returns ``params`` with an adapter beside every targeted projection.
 
@@ -141,6 +169,13 @@ def wrap(
             (a classification head); they move under ``params["genlora"]``.
         transposed_kernels: regex (full match on the module path) of modules
             whose kernel is stored (m, n), as GPT-2's ``Conv1D``.
+        stacked: pattern (a name or a path regex, like a target) of a module
+            run under ``nn.scan`` with ``variable_axes={"params": 0}``; it
+            applies to that module and everything inside it. There, every
+            kernel axis before the last two is a layer axis, e.g. (L, n, m),
+            and the adapter's arrays get the same leading axes (one adapter
+            per layer, each with its own key), which ``nn.scan`` slices with
+            the kernel.
 
     Returns:
         The wrapped tree (see the module docstring for its layout).
@@ -160,7 +195,7 @@ def wrap(
             f"params already carry adapters (a {ADAPTER_KEY!r} key); wrap the base tree "
             "(`genlora_jax.split(params)[0]`) or `genlora_jax.merge(params)` first."
         )
-    paths = find_targets(params, targets)
+    paths = find_targets(params, targets, stacked=stacked)
     extra = _extra_keys(flat, extra_trainable)
     clash = [key for key in extra if key[:-1] in paths]
     if clash:
@@ -171,12 +206,24 @@ def wrap(
             bool(transposed_kernels)
             and re.fullmatch(transposed_kernels, path_str(path)) is not None
         )
-        n, m = flat[(*path, "kernel")].shape[:: -1 if transposed else 1]
+        shape = flat[(*path, "kernel")].shape
+        n, m = shape[-2:][:: -1 if transposed else 1]
         cfg = _config_for(path, config, overrides or {})
-        out[(*path, ADAPTER_KEY)] = cfg.init(
-            key, m=m, n=n, kernel_transposed=transposed, path=path_str(path)
+        init = functools.partial(
+            cfg.init, m=m, n=n, kernel_transposed=transposed, path=path_str(path)
         )
+        out[(*path, ADAPTER_KEY)] = _init_per_layer(init, key, shape[:-2])
     return traverse_util.unflatten_dict(out)
+
+
+def _init_per_layer(init, key: PRNGKeyArray, layers: tuple[int, ...]) -> Adapter:
+    """``init(key)``, or for stacked layers (L, ...) one adapter per layer index,
+    each from its own key, with the layer axes leading every array."""
+    if not layers:
+        return init(key)
+    for _ in layers:
+        init = jax.vmap(init)
+    return init(jax.random.split(key, layers))
 
 
 def _extra_keys(flat: Mapping[Path, Any], patterns: Iterable[str]) -> set[Path]:

@@ -1,0 +1,118 @@
+"""DoRA (Liu et al. 2024): a learned magnitude times the direction of W0 + s · B A.
+
+Weight-Decomposed Low-Rank Adaptation, arXiv 2402.09353. The adapted weight is
+
+    V  = W0 + s · B A                     (m, n)
+    W' = m_vec ⊙ V / ‖V‖                  ‖V‖: the norm of each output row, (m,)
+
+and, as in PEFT, ‖V‖ is treated as a constant in the backward pass
+(`jax.lax.stop_gradient`), which the paper recommends to save memory.
+
+Parameterisation. `AdapterConfig.init` does not see W0, so the magnitude is
+stored as an offset from the row norms of W0: m_vec = ‖W0‖ + ``magnitude``,
+with ``magnitude`` = 0 at init (PEFT's m_vec = ‖W0‖). The gradient with respect
+to the offset equals the gradient with respect to m_vec, so any optimizer
+follows PEFT's trajectory exactly; only decoupled weight decay differs (here it
+pulls m_vec towards ‖W0‖ rather than towards 0). Trainable per (m × n)
+projection: r·(m + n) + m.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from genlora_jax._adapter import Adapter, AdapterConfig, input_dropout, low_rank_delta
+from genlora_jax._lora import LoRAConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DoRAConfig(AdapterConfig):
+    """DoRA: LoRA's A, B and init (A Kaiming-uniform, B = 0) plus a magnitude (m,)."""
+
+    method: ClassVar[str] = "dora"
+
+    def init(self, rng, *, m, n, kernel_transposed, path):
+        lora = LoRAConfig(rank=self.rank).init(
+            rng, m=m, n=n, kernel_transposed=kernel_transposed, path=path
+        )
+        return DoRAParams(
+            config=self,
+            kernel_transposed=kernel_transposed,
+            a=lora.a,
+            b=lora.b,
+            magnitude=jnp.zeros((m,), jnp.float32),
+        )
+
+
+def row_norm(w: Float[Array, "m n"]) -> Float[Array, " m"]:
+    """‖w_i‖₂ of every output row i: DoRA's m_vec at init is ``row_norm(W0)``."""
+    return jnp.sqrt(jnp.sum(jnp.square(w), axis=1))
+
+
+class DoRAParams(Adapter):
+    """DoRA state of one projection.
+
+    Attributes:
+        a: A, shape (r, n).
+        b: B, shape (m, r).
+        magnitude: m_vec − ‖W0‖ (per output row), shape (m,); 0 at init.
+    """
+
+    a: Float[Array, "r n"]
+    b: Float[Array, "m r"]
+    magnitude: Float[Array, " m"]
+
+    def _direction_and_shift(
+        self, w0: Float[Array, "m n"]
+    ) -> tuple[Float[Array, "m n"], Float[Array, " m"]]:
+        """V = W0 + ΔW (ΔW = s·B A) and c − 1, where c = m_vec / ‖V‖, in float32.
+
+        With d = ‖V‖² − ‖W0‖² = Σ_j ΔW ⊙ (2 W0 + ΔW), c − 1 is computed as
+        (offset − d / (‖W0‖ + ‖V‖)) / ‖V‖: the same number, free of the
+        cancellation in ‖W0‖ − ‖V‖, and exactly 0 at init (offset = 0, ΔW = 0)
+        so the adapted layer is bit-identical to the base layer. ‖V‖ and d
+        are detached: only the magnitude receives a gradient through c.
+        """
+        w0 = w0.astype(jnp.float32)
+        dw = low_rank_delta(self.b, self.a, self.config.scale)
+        v = w0 + dw
+        v_norm = jax.lax.stop_gradient(row_norm(v))
+        d = jax.lax.stop_gradient(jnp.sum(dw * (2.0 * w0 + dw), axis=1))
+        return v, (self.magnitude - d / (row_norm(w0) + v_norm)) / v_norm
+
+    def merged_weight(self, w0: Float[Array, "m n"]) -> Float[Array, "m n"]:
+        """W' = m_vec ⊙ V / ‖V‖."""
+        v, shift = self._direction_and_shift(w0)
+        return v + shift[:, None] * v
+
+    def delta_weight(self, w0: Float[Array, "m n"]) -> Float[Array, "m n"]:
+        return self.merged_weight(w0) - w0
+
+    def unmerged_weight(self, w: Float[Array, "m n"]) -> Float[Array, "m n"]:
+        raise NotImplementedError(
+            "DoRA cannot recover W0 from a merged weight: W' = m_vec ⊙ V/‖V‖ loses the row "
+            "norms of V. Keep the base kernels (`genlora_jax.split`) instead of unmerging."
+        )
+
+    def __call__(self, x, y, *, w0, bias, rng):
+        """PEFT's forward, without forming W': with c = m_vec/‖V‖ and x̃ = dropout(x),
+
+        y' = y + (c − 1) ⊙ W0 x̃ + c ⊙ s · B A x̃,
+
+        where W0 x̃ = y − b when dropout is off (no extra matmul).
+        """
+        shift = self._direction_and_shift(w0)[1]
+        x_drop = input_dropout(x, self.config.dropout, rng)
+        if rng is None or self.config.dropout == 0.0:
+            base = y if bias is None else y - jnp.broadcast_to(bias.astype(y.dtype), y.shape)
+        else:
+            base = x_drop @ w0.T.astype(x.dtype)
+        h = x_drop @ self.a.T.astype(x.dtype)
+        lora = (h @ (self.config.scale * self.b).T.astype(h.dtype)).astype(y.dtype)
+        shift, c = (jnp.broadcast_to(v.astype(y.dtype), y.shape) for v in (shift, 1.0 + shift))
+        return y + shift * base + c * lora
