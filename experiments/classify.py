@@ -121,10 +121,24 @@ def run_method(name, config, args, model, train_arrays, dev_arrays, lr):
         idx = data_lib.stream_indices(n, args.seed, step * args.batch_size, args.batch_size)
         return {k: v[idx] for k, v in train_arrays.items()}
 
-    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=args.warmup, seed=args.seed)
-    out = Path(args.out) / f"{args.task}-{name}-seed{args.seed}"
+    cfg = TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup_steps=args.warmup,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    out = Path(args.out) / f"{args.task}-{name}-lr{lr:g}-seed{args.seed}"
     start = time.perf_counter()
-    state = train(params, classification_loss(model), batches, cfg, out_dir=out, desc=name)
+    state = train(
+        params,
+        classification_loss(model),
+        batches,
+        cfg,
+        out_dir=out,
+        checkpoint_dir=(out / "checkpoints").absolute() if args.checkpoint_every else None,
+        desc=name,
+    )
     seconds = time.perf_counter() - start
     trained = gl.join(gl.split(params)[0], state.adapters)
     return {
@@ -159,6 +173,13 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/classify")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="save an orbax checkpoint every N steps under OUT/<run>/checkpoints; "
+        "rerunning the same command resumes (0: no checkpoints)",
+    )
     return parser.parse_args(argv)
 
 
@@ -200,4 +221,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

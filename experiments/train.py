@@ -5,7 +5,10 @@ updated; the base weights enter the step as an argument and come back
 untouched. AdamW with linear warm-up and linear decay to 0 (the paper's
 schedule), optional gradient accumulation (`optax.MultiSteps`), adapter
 dropout, NaN guard, JSON-lines metrics, a tqdm bar with loss and examples/s,
-and a loss-curve figure.
+a loss-curve figure, and orbax checkpoints (`genlora_jax.AdapterCheckpointer`)
+every N steps: a run restarted with the same arguments resumes from the latest
+checkpoint and reaches the same adapters (batches are a function of the step).
+Ctrl-C saves a checkpoint before it stops.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ class TrainConfig:
     Attributes:
         steps: optimizer updates.
         lr: peak learning rate.
-        warmup_steps: linear warm-up from 0 (capped at steps // 10 for short runs).
+        warmup_steps: linear warm-up from 0 (capped at half the run for short runs).
         weight_decay: AdamW decay on trainable leaves (paper: 0).
         grad_accum: micro-batches per update.
         seed: seeds adapter dropout.
         log_every: steps between metric lines.
+        checkpoint_every: micro-steps between checkpoints (0: only at the end
+            and on Ctrl-C, when a checkpoint directory is given).
+        keep_checkpoints: how many checkpoints to keep.
     """
 
     steps: int
@@ -50,19 +56,25 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 10
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW on trainable leaves, warm-up then linear decay, accumulation."""
-    warmup = min(cfg.warmup_steps, max(cfg.steps // 10, 1))
-    schedule = optax.join_schedules(
+def learning_rate(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to ``cfg.lr``, then linear decay to 0 at the last step."""
+    warmup = max(min(cfg.warmup_steps, cfg.steps // 2), 1)
+    return optax.join_schedules(
         [
             optax.linear_schedule(0.0, cfg.lr, warmup),
             optax.linear_schedule(cfg.lr, 0.0, max(cfg.steps - warmup, 1)),
         ],
         [warmup],
     )
-    tx = gl.optimizer(optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on trainable leaves with `learning_rate`, and gradient accumulation."""
+    tx = gl.optimizer(optax.adamw(learning_rate(cfg), weight_decay=cfg.weight_decay))
     return optax.MultiSteps(tx, cfg.grad_accum) if cfg.grad_accum > 1 else tx
 
 
@@ -104,6 +116,7 @@ def train(
     out_dir: str | Path | None = None,
     state: TrainState | None = None,
     on_step: Callable[[TrainState], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
     desc: str = "train",
 ) -> TrainState:
     """Runs ``cfg.steps`` updates (or the rest of them, from ``state``).
@@ -117,8 +130,11 @@ def train(
             called once per micro-step index.
         cfg: optimisation settings.
         out_dir: where ``metrics.jsonl`` and ``loss.png`` go.
-        state: resume from here (from a checkpoint).
-        on_step: called after every update (checkpointing, evaluation).
+        state: resume from here; by default the latest checkpoint in
+            ``checkpoint_dir``, if any.
+        on_step: called after every micro-step (evaluation, custom logging).
+        checkpoint_dir: orbax checkpoints of adapters, optimizer state, rng
+            and step; a checkpoint for another model or config is refused.
         desc: label of the progress bar.
 
     Returns:
@@ -126,12 +142,33 @@ def train(
 
     Raises:
         NonFiniteLoss: the loss is NaN or inf, naming the step and the fix.
+        KeyboardInterrupt: after saving a checkpoint (when a directory is set).
     """
     base, adapters = gl.split(params)
     tx = make_optimizer(cfg)
     step_fn = make_step(loss_fn, tx)
+    ckpt = (
+        gl.AdapterCheckpointer(checkpoint_dir, max_to_keep=cfg.keep_checkpoints)
+        if checkpoint_dir
+        else None
+    )
+    if state is None and ckpt is not None and ckpt.latest_step() is not None:
+        saved = ckpt.restore(params, opt_state=tx.init(adapters))
+        state = TrainState(gl.split(saved.params)[1], saved.opt_state, saved.step, saved.rng)
+        print(f"resumed from {checkpoint_dir} at step {saved.step}")
     if state is None:
         state = TrainState(adapters, tx.init(adapters), 0, jax.random.key(cfg.seed))
+
+    def save(state: TrainState) -> None:
+        if ckpt is not None and state.step not in ckpt.all_steps():
+            ckpt.save(
+                state.step,
+                gl.join(base, state.adapters),
+                opt_state=state.opt_state,
+                rng=state.rng,
+                data_position=state.step,
+            )
+
     out = Path(out_dir) if out_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -149,8 +186,8 @@ def train(
             loss = float(loss)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(
-                    f"loss is {loss} at step {state.step}; the adapters from before this "
-                    f"step are kept. Lower the learning rate (lr={cfg.lr}) or add warm-up."
+                    f"loss is {loss} at step {state.step}. Lower the learning rate "
+                    f"(lr={cfg.lr}) or lengthen warm-up, and restart from the last checkpoint."
                 )
             state = TrainState(new_adapters, opt_state, state.step + 1, rng)
             losses.append(loss)
@@ -161,15 +198,30 @@ def train(
                 window = float(np.mean(losses[-cfg.log_every :]))
                 bar.set_postfix(loss=f"{window:.4f}", ex_per_s=f"{rate:.0f}")
                 if log:
-                    row = {"step": state.step, "loss": window, "ex_per_s": rate}
+                    update = state.step // cfg.grad_accum
+                    row = {
+                        "update": update,
+                        "micro_step": state.step,
+                        "loss": window,
+                        "ex_per_s": rate,
+                    }
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save(state)
             if on_step:
                 on_step(state)
+        save(state)
+    except KeyboardInterrupt:
+        save(state)
+        print(f"\ninterrupted at step {state.step}; run the same command again to resume")
+        raise
     finally:
         bar.close()
         if log:
             log.close()
+        if ckpt is not None:
+            ckpt.close()
     if out:
         plot_loss(out / "metrics.jsonl", out / "loss.png")
     return state
@@ -184,8 +236,8 @@ def plot_loss(metrics: Path, figure: Path) -> None:
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set(xlabel="step", ylabel="training loss", title=metrics.parent.name)
+    ax.plot([r["update"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="update", ylabel="training loss", title=metrics.parent.name)
     fig.tight_layout()
     fig.savefig(figure, dpi=100)
     plt.close(fig)

@@ -1,0 +1,365 @@
+"""Named configurations of the paper's generative fine-tuning runs.
+
+One preset = base model × training mixture × adapter method, with the
+optimisation and decoding settings of GENLORA.md §4 and EVAL_PROTOCOL.md, so
+that on a big machine the whole command is::
+
+    python -m experiments.finetune --preset llama3-8b-math-genlora-r8g16 --model <path>
+
+Names are ``{model}-{family}-{method}``, generated over the models of
+`MODELS`, the families ``math`` (Math10K) and ``commonsense`` (Commonsense170K)
+and the methods of `METHODS`; ``tiny-llama-math-genlora`` is a random 2-layer
+Llama for wiring checks on a CPU.
+
+Choices where the paper is silent, written down here:
+
+- Learning rates: GenLoRA (and its ablations) 1e-4 on math and 5e-3 on
+  commonsense (the paper). The LoRA-family baselines (LoRA, DoRA, HiRA,
+  MELoRA, AuroRA, LoRAN) use LLM-Adapters' LoRA rates, 3e-4 on math and 2e-4
+  on commonsense, since the paper tunes GenLoRA's rates for GenLoRA only.
+- Every method trains one epoch (the paper's GenLoRA setting; LLM-Adapters
+  itself trained three), batch 16 as 4 micro-batches of 4, cut-off 256,
+  adapter dropout 0.05, α = 2r (LLM-Adapters' r=8/α=16), warm-up 100 steps,
+  linear decay, no weight decay, loss on prompt and output
+  (``train_on_inputs``).
+- Decoding: beam search with 4 beams, 256 new tokens on math and 32 on
+  commonsense.
+
+Adapter classes are looked up in `genlora_jax` only when a preset's
+`Preset.adapter_config` is called, so the table lists every run even while a
+baseline is missing from the library; asking for that run then fails with a
+message naming the class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import genlora_jax as gl
+
+MATH_TASKS = ("AddSub", "MultiArith", "SingleEq", "SVAMP", "gsm8k", "AQuA")
+"""LLM-Adapters' six math test sets (``mawps`` is available via ``--tasks``)."""
+
+COMMONSENSE_TASKS = (
+    "boolq",
+    "piqa",
+    "social_i_qa",
+    "hellaswag",
+    "winogrande",
+    "ARC-Easy",
+    "ARC-Challenge",
+    "openbookqa",
+)
+"""The eight commonsense test sets of LLM-Adapters / DoRA."""
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Family:
+    """A training mixture and how its test sets are decoded.
+
+    Attributes:
+        train_file: the LLM-Adapters training file, looked up under the data
+            root's ``llm_adapters/`` (or given with ``--data``).
+        tasks: the test sets, ``llm_adapters/{family}/{task}/test.json``.
+        max_new_tokens: generation budget per answer.
+        lr: learning rate of GenLoRA (paper).
+        baseline_lr: learning rate of the LoRA-family baselines (LLM-Adapters).
+    """
+
+    train_file: str
+    tasks: tuple[str, ...]
+    max_new_tokens: int
+    lr: float
+    baseline_lr: float
+
+
+FAMILIES: Mapping[str, Family] = MappingProxyType(
+    {
+        "math": Family(
+            train_file="math_10k.json",
+            tasks=MATH_TASKS,
+            max_new_tokens=256,
+            lr=1e-4,
+            baseline_lr=3e-4,
+        ),
+        "commonsense": Family(
+            train_file="commonsense_170k.json",
+            tasks=COMMONSENSE_TASKS,
+            max_new_tokens=32,
+            lr=5e-3,
+            baseline_lr=2e-4,
+        ),
+    }
+)
+
+MODELS: Mapping[str, str] = MappingProxyType(
+    {
+        "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+        "gemma-7b": "google/gemma-7b",
+        "qwen2.5-14b": "Qwen/Qwen2.5-14B",
+    }
+)
+"""Preset model key → Hugging Face hub id (``--model`` replaces it by a folder)."""
+
+ARCHITECTURES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "llama3-8b": MappingProxyType(
+            dict(
+                model_type="llama",
+                vocab_size=128256,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+            )
+        ),
+        "gemma-7b": MappingProxyType(
+            dict(
+                model_type="gemma",
+                vocab_size=256000,
+                hidden_size=3072,
+                intermediate_size=24576,
+                num_hidden_layers=28,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                head_dim=256,
+            )
+        ),
+        "qwen2.5-14b": MappingProxyType(
+            dict(
+                model_type="qwen2",
+                vocab_size=152064,
+                hidden_size=5120,
+                intermediate_size=13824,
+                num_hidden_layers=48,
+                num_attention_heads=40,
+                num_key_value_heads=8,
+            )
+        ),
+    }
+)
+"""Shape fields of each model's ``config.json``, for counting parameters with
+`jax.eval_shape` without weights (``finetune --dry-run``); real runs read the
+model's own config."""
+
+_GENLORA_RG = ((8, 16), (32, 16), (64, 16), (16, 16), (8, 8), (16, 8), (32, 8))
+"""The (r, g) configurations the paper reports."""
+
+
+def _methods() -> dict[str, tuple[str, dict[str, Any]]]:
+    methods: dict[str, tuple[str, dict[str, Any]]] = {
+        "lora-r8": ("LoRAConfig", {"rank": 8}),
+        "dora-r8": ("DoRAConfig", {"rank": 8}),
+        "hira-r8": ("HiRAConfig", {"rank": 8}),
+        "melora-r8m4": ("MELoRAConfig", {"rank": 8, "mini": 4}),
+        "aurora-r2": ("AuroRAConfig", {"rank": 2}),
+        "aurora-r8": ("AuroRAConfig", {"rank": 8}),
+        "loran-r8": ("LoRANConfig", {"rank": 8}),
+    }
+    for r, g in _GENLORA_RG:
+        methods[f"genlora-r{r}g{g}"] = ("GenLoRAConfig", {"rank": r, "groups": g})
+    # Ablations at the r=8, g=16 budget (GENLORA.md §6).
+    methods["genlora-r8g16-nonorm"] = (
+        "GenLoRAConfig",
+        {"rank": 8, "groups": 16, "normalize": False},
+    )
+    methods["genlora-r128g1"] = ("GenLoRAConfig", {"rank": 128, "groups": 1})
+    for which, fields in (
+        ("za", {"freeze_z_a": True}),
+        ("zb", {"freeze_z_b": True}),
+        ("z", {"freeze_z_a": True, "freeze_z_b": True}),
+    ):
+        methods[f"genlora-r8g16-frozen-{which}"] = (
+            "GenLoRAConfig",
+            {"rank": 8, "groups": 16, **fields},
+        )
+    return methods
+
+
+METHODS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType(_methods())
+"""Method name → (`genlora_jax` config class name, its keyword arguments)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Preset:
+    """Everything one fine-tuning + evaluation run needs, except the weights.
+
+    Attributes:
+        name: the registry key.
+        model: hub id or folder of the base model; None builds a random Llama
+            from ``tiny_config`` (no weights).
+        family: ``"math"`` or ``"commonsense"``.
+        train_data: training file, relative to the data root or absolute.
+        eval_tasks: test sets (names of `experiments.scoring.TASK_KINDS`).
+        method: key of `METHODS`.
+        config_class: name of the adapter config class in `genlora_jax`.
+        adapter: keyword arguments of that class (``dropout`` included).
+        targets: adapted projections.
+        lr: peak learning rate.
+        batch_size: examples per optimizer update.
+        micro_batch_size: examples per forward pass; ``batch_size`` must be
+            a multiple (gradient accumulation over the rest).
+        epochs: passes over the training data (when ``steps`` is None).
+        steps: a fixed number of updates instead of ``epochs``.
+        cutoff_len: training sequence length L.
+        train_on_inputs: whether the loss covers the prompt.
+        warmup_steps: linear warm-up updates.
+        max_new_tokens: generation budget per answer.
+        num_beams: beam width (1 = greedy).
+        eval_batch_size: prompts per generation call.
+        tiny_config: `transformers.LlamaConfig` fields of the random model.
+    """
+
+    name: str
+    model: str | None
+    family: str
+    train_data: str
+    eval_tasks: tuple[str, ...]
+    method: str
+    config_class: str
+    adapter: Mapping[str, Any]
+    targets: tuple[str, ...] = ATTENTION_TARGETS
+    lr: float
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    epochs: int = 1
+    steps: int | None = None
+    cutoff_len: int = 256
+    train_on_inputs: bool = True
+    warmup_steps: int = 100
+    max_new_tokens: int
+    num_beams: int = 4
+    eval_batch_size: int = 8
+    tiny_config: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"{self.name}: family={self.family!r}; use one of {list(FAMILIES)}.")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"{self.name}: batch_size={self.batch_size} is not a multiple of "
+                f"micro_batch_size={self.micro_batch_size}."
+            )
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer update."""
+        return self.batch_size // self.micro_batch_size
+
+    def adapter_config(self) -> gl.AdapterConfig:
+        """The adapter configuration, built from `genlora_jax` now.
+
+        Raises:
+            AttributeError: ``genlora_jax`` has no ``config_class`` (a baseline
+                not implemented in this version).
+        """
+        cls = getattr(gl, self.config_class, None)
+        if cls is None:
+            raise AttributeError(
+                f"preset {self.name!r} needs genlora_jax.{self.config_class}, which this "
+                f"version of genlora_jax does not provide; pick another method or update "
+                "genlora_jax."
+            )
+        return cls(**self.adapter)
+
+
+def _is_baseline(config_class: str) -> bool:
+    return config_class != "GenLoRAConfig"
+
+
+def build_presets() -> dict[str, Preset]:
+    """The registry: every model × family × method, plus the tiny wiring check."""
+    presets = {}
+    for (model_key, model), (family_name, family), (method, (cls, kwargs)) in itertools.product(
+        MODELS.items(), FAMILIES.items(), METHODS.items()
+    ):
+        name = f"{model_key}-{family_name}-{method}"
+        presets[name] = Preset(
+            name=name,
+            model=model,
+            family=family_name,
+            train_data=f"llm_adapters/{family.train_file}",
+            eval_tasks=family.tasks,
+            method=method,
+            config_class=cls,
+            adapter=MappingProxyType({**kwargs, "dropout": 0.05}),
+            lr=family.baseline_lr if _is_baseline(cls) else family.lr,
+            max_new_tokens=family.max_new_tokens,
+        )
+    presets["tiny-llama-math-genlora"] = Preset(
+        name="tiny-llama-math-genlora",
+        model=None,
+        family="math",
+        train_data="llm_adapters/math/train_math_data.json",
+        eval_tasks=MATH_TASKS,
+        method="genlora-r8g16",
+        config_class="GenLoRAConfig",
+        adapter=MappingProxyType({"rank": 8, "groups": 16, "dropout": 0.05}),
+        # A higher rate than the paper's so that a few steps visibly move the loss.
+        lr=1e-3,
+        steps=20,
+        max_new_tokens=FAMILIES["math"].max_new_tokens,
+        tiny_config=MappingProxyType(
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=1024,
+            )
+        ),
+    )
+    return presets
+
+
+PRESETS: Mapping[str, Preset] = MappingProxyType(build_presets())
+"""Preset name → `Preset`."""
+
+_NAME = re.compile(
+    rf"(?P<model>{'|'.join(map(re.escape, MODELS))})"
+    rf"-(?P<family>{'|'.join(FAMILIES)})-(?P<method>.+)"
+)
+
+
+def parse_name(name: str) -> tuple[str, str, str]:
+    """Splits a generated preset name into (model key, family, method).
+
+    >>> parse_name("llama3-8b-math-genlora-r8g16")
+    ('llama3-8b', 'math', 'genlora-r8g16')
+
+    Raises:
+        ValueError: the name is not of the form ``{model}-{family}-{method}``.
+    """
+    match = _NAME.fullmatch(name)
+    if match is None or match["method"] not in METHODS:
+        raise ValueError(
+            f"{name!r} is not '{{model}}-{{family}}-{{method}}' with model in {list(MODELS)}, "
+            f"family in {list(FAMILIES)} and method in {list(METHODS)}."
+        )
+    return match["model"], match["family"], match["method"]
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``.
+
+    Raises:
+        KeyError: unknown name; the message lists close matches.
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, PRESETS, n=5, cutoff=0.6)
+        raise KeyError(
+            f"no preset {name!r}; close matches: {close or 'none'} "
+            "(`python -m experiments.finetune --list` prints all)."
+        ) from None

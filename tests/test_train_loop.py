@@ -1,0 +1,96 @@
+"""experiments.train: resume, NaN guard, gradient accumulation, schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_training import Tiny
+
+import genlora_jax as gl
+from experiments.train import NonFiniteLoss, TrainConfig, learning_rate, make_optimizer, train
+
+X = jax.random.normal(jax.random.key(1), (64, 16))
+Y = jax.random.normal(jax.random.key(2), (64, 2))
+
+
+def params_for(key):
+    base = Tiny().init(key, X[:1])["params"]
+    cfg = gl.GenLoRAConfig(rank=4, groups=4, dropout=0.1)
+    return gl.wrap(base, ["q_proj", "v_proj"], cfg, rng=key, extra_trainable=["classifier"])
+
+
+def loss_fn(params, batch, rng):
+    out = gl.apply(Tiny(), params, batch["x"], adapter_rng=rng)
+    return jnp.mean((out - batch["y"]) ** 2)
+
+
+def batches(step, size=8):
+    idx = (np.arange(size) + step * size) % len(X)
+    return {"x": X[idx], "y": Y[idx]}
+
+
+CFG = TrainConfig(steps=6, lr=1e-2, warmup_steps=2, log_every=2)
+
+
+def test_interrupted_run_resumes_to_the_same_adapters(tmp_path, key):
+    params = params_for(key)
+    straight = train(params, loss_fn, batches, CFG, out_dir=tmp_path / "a")
+
+    def stop_at_3(state):
+        if state.step == 3:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train(params, loss_fn, batches, CFG, checkpoint_dir=ckpt, on_step=stop_at_3)
+    assert gl.AdapterCheckpointer(ckpt).all_steps() == [3]
+    resumed = train(params, loss_fn, batches, CFG, checkpoint_dir=ckpt, out_dir=tmp_path / "b")
+    assert resumed.step == 6
+    for a, b in zip(
+        jax.tree.leaves(straight.adapters), jax.tree.leaves(resumed.adapters), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "b" / "loss.png").stat().st_size > 0
+
+
+def test_nan_loss_is_named(key):
+    def bad_loss(params, batch, rng):
+        return loss_fn(params, batch, rng) * jnp.nan
+
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 0\. Lower the learning rate"):
+        train(params_for(key), bad_loss, batches, CFG)
+
+
+def test_gradient_accumulation_averages_micro_batches(key):
+    params = params_for(key)
+    _, adapters = gl.split(params)
+    leaves, tree = jax.tree.flatten(adapters)
+    draw = lambda k: jax.tree.unflatten(
+        tree,
+        [
+            jax.random.normal(kk, x.shape)
+            for kk, x in zip(jax.random.split(k, len(leaves)), leaves, strict=True)
+        ],
+    )
+    g1, g2 = draw(jax.random.key(5)), draw(jax.random.key(6))
+    one = make_optimizer(TrainConfig(steps=10, lr=1e-2, warmup_steps=1))
+    two = make_optimizer(TrainConfig(steps=10, lr=1e-2, warmup_steps=1, grad_accum=2))
+    want, _ = one.update(
+        jax.tree.map(lambda a, b: (a + b) / 2, g1, g2), one.init(adapters), adapters
+    )
+    state = two.init(adapters)
+    skipped, state = two.update(g1, state, adapters)
+    got, _ = two.update(g2, state, adapters)
+    for leaf in jax.tree.leaves(skipped):
+        np.testing.assert_array_equal(leaf, 0.0)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(("steps", "warmup", "peak_at"), [(1000, 100, 100), (20, 100, 10)])
+def test_schedule_warms_up_then_decays_to_zero(steps, warmup, peak_at):
+    lr = learning_rate(TrainConfig(steps=steps, lr=2.0, warmup_steps=warmup))
+    assert float(lr(0)) == 0.0
+    assert float(lr(peak_at // 2)) == pytest.approx(1.0)
+    assert float(lr(peak_at)) == pytest.approx(2.0)
+    assert float(lr(steps)) == pytest.approx(0.0)
