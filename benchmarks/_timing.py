@@ -14,8 +14,9 @@ def interleaved_medians(
 ) -> dict[str, float]:
     """Median seconds per call of each thunk, timed round-robin.
 
-    Each thunk must return a JAX value (it is blocked on). The first
-    ``warmup`` rounds (compilation included) are discarded.
+    JAX arrays a thunk returns are blocked on; any other return value (a
+    PyTorch step's float loss, already synchronous) is taken as ready. The
+    first ``warmup`` rounds (compilation included) are discarded.
     """
     for _ in range(warmup):
         for fn in fns.values():
