@@ -35,3 +35,12 @@ def compile_seconds(jitted, *args) -> float:
     start = time.perf_counter()
     jitted.lower(*args).compile()
     return time.perf_counter() - start
+
+
+def report(table: str, out: str | None) -> str:
+    """Prints ``table`` and, when ``out`` is given, writes it there."""
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            f.write(table + "\n")
+    return table

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 import genlora_jax as gl
-from benchmarks._timing import compile_seconds, interleaved_medians
+from benchmarks._timing import compile_seconds, interleaved_medians, report
 
 TARGETS = ["query", "key", "value"]
 
@@ -141,12 +141,7 @@ def main(argv=None) -> str:
     for label, num, den, target in ratios:
         r = medians[num] / medians[den]
         lines.append(f"| {label} | {r:.3f} | ≤ {target} | {'yes' if r <= target else 'no'} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

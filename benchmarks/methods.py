@@ -23,7 +23,7 @@ import jax
 import optax
 
 import genlora_jax as gl
-from benchmarks._timing import compile_seconds, interleaved_medians
+from benchmarks._timing import compile_seconds, interleaved_medians, report
 from benchmarks.core import TARGETS, adapter_step, load_model, make_batch
 
 METHODS = {
@@ -73,12 +73,7 @@ def main(argv=None) -> str:
             f"| {name} | {counts[name]:,} | {1000 * sec:.1f} | {sec / lora:.3f} "
             f"| {compiles[name]:.1f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -70,3 +70,20 @@ def tiny_llama_config(**overrides):
     )
     kw.update(overrides)
     return LlamaConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def llama3_8b_shapes():
+    """LLaMA-3-8B parameter shapes (`jax.ShapeDtypeStruct`s, no weights)."""
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
+    init = FlaxLlamaForCausalLM(config, _do_init=False).init_weights
+    return jax.eval_shape(functools.partial(init, input_shape=(1, 1)), jax.random.key(0))

@@ -318,22 +318,6 @@ def _genlora_count(r, groups, centres=15, z_a=True, z_b=True):
     return sum(z_b * m + z_a * n + 2 * r * groups * (centres + 1) for m, n in LLAMA3_PROJ)
 
 
-@pytest.fixture(scope="module")
-def llama3_shapes():
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    )
-    init = FlaxLlamaForCausalLM(cfg, _do_init=False).init_weights
-    return jax.eval_shape(functools.partial(init, input_shape=(1, 1)), jax.random.key(0))
-
-
 LLAMA3_COUNTS = {
     "lora": (gl.LoRAConfig(rank=8), _lora_count(8)),
     "dora": (gl.DoRAConfig(rank=8), _lora_count(8) + 32 * (4096 + 1024 + 1024)),
@@ -363,7 +347,7 @@ LLAMA3_COUNTS = {
 
 
 @pytest.mark.lenient
-def test_llama3_8b_counts(llama3_shapes):
+def test_llama3_8b_counts(llama3_8b_shapes):
     # the paper's figures (GENLORA.md §5) follow from the formulas above
     assert _lora_count(8) == 4_718_592
     assert LLAMA3_COUNTS["dora"][1] == 4_915_200
@@ -372,13 +356,13 @@ def test_llama3_8b_counts(llama3_shapes):
     # G = 1 at r = 128 spends exactly the budget of r = 8, G = 16
     assert _genlora_count(128, 1) == _genlora_count(8, 16)
     for name, (cfg, want) in LLAMA3_COUNTS.items():
-        wrapped = jax.eval_shape(lambda p, cfg=cfg: gl.wrap(p, TARGETS, cfg), llama3_shapes)
+        wrapped = jax.eval_shape(lambda p, cfg=cfg: gl.wrap(p, TARGETS, cfg), llama3_8b_shapes)
         counts = gl.count_params(wrapped)
         assert counts.trainable == want, name
         assert len(counts.per_module) == 96, name
     shown = ("lora", "dora", "genlora-frozen-both")
     table = gl.compare_methods(
-        llama3_shapes, TARGETS, {name: LLAMA3_COUNTS[name][0] for name in shown}
+        llama3_8b_shapes, TARGETS, {name: LLAMA3_COUNTS[name][0] for name in shown}
     )
     rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
     assert rows["lora"][2:4] == ["4,718,592", "1.000"]

@@ -1,30 +1,11 @@
 """The paper's parameter counts (GENLORA.md §5), from shapes alone."""
 
-import functools
-
 import jax
 import pytest
-from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
 import genlora_jax as gl
 
 QKV = ["q_proj", "k_proj", "v_proj"]
-
-
-@pytest.fixture(scope="module")
-def llama3_8b_shapes():
-    config = LlamaConfig(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-    )
-    model = FlaxLlamaForCausalLM(config, _do_init=False)
-    return jax.eval_shape(
-        functools.partial(model.init_weights, input_shape=(1, 1)), jax.random.key(0)
-    )
 
 
 @pytest.mark.parametrize(
