@@ -87,3 +87,20 @@ def llama3_8b_shapes():
     )
     init = FlaxLlamaForCausalLM(config, _do_init=False).init_weights
     return jax.eval_shape(functools.partial(init, input_shape=(1, 1)), jax.random.key(0))
+
+
+def perturbed(params, seed, scale):
+    """Every adapter leaf moved off its init by U(±scale) noise (B = 0 there), so
+    ΔW is far from 0 and a lost or swapped leaf cannot pass for equal."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import genlora_jax as gl
+
+    base, adapters = gl.split(params)
+    noise = np.random.default_rng(seed)
+    moved = jax.tree.map(
+        lambda x: jnp.asarray(x + scale * noise.uniform(-1, 1, x.shape).astype(x.dtype)),
+        adapters,
+    )
+    return gl.join(base, moved)

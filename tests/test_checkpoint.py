@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from _resume_worker import MLP, pretrained
+from conftest import perturbed
 
 import genlora_jax as gl
 
@@ -36,16 +37,6 @@ def wrapped(base, targets=("up", "mid"), config=CFG, rng=0, extra=("head",), **k
     )
 
 
-def perturbed(params, seed):
-    """Every adapter leaf moved off its init, so a lost leaf cannot pass for equal."""
-    base, adapters = gl.split(params)
-    noise = np.random.default_rng(seed)
-    moved = jax.tree.map(
-        lambda x: jnp.asarray(x + 1.0 * noise.uniform(-1, 1, x.shape).astype(x.dtype)), adapters
-    )
-    return gl.join(base, moved)
-
-
 @functools.partial(jax.jit, static_argnums=1)
 def trained_state(params, tx):
     """The adapter half and the optimizer state after one AdamW step."""
@@ -66,7 +57,7 @@ def assert_trees_equal(a, b):
 def test_round_trip_restores_every_leaf_and_the_output(base, key, tmp_path, async_save):
     tx = gl.optimizer(optax.adamw(1e-2))
     params = wrapped(base, overrides={"mid": gl.LoRAConfig(rank=2)})
-    adapters, opt_state = trained_state(perturbed(params, 0), tx)
+    adapters, opt_state = trained_state(perturbed(params, 0, 1.0), tx)
     saved = gl.join(gl.split(params)[0], adapters)
     rng = jax.random.fold_in(key, 3)
     with gl.AdapterCheckpointer(tmp_path, max_to_keep=2, async_save=async_save) as ckpt:
@@ -106,7 +97,7 @@ def test_only_adapter_state_is_written(key, tmp_path):
 def test_stacked_adapters_of_a_scan_round_trip(tmp_path):
     kernel = np.random.default_rng(0).standard_normal((3, 16, 16)).astype(np.float32)
     base = {"layers": {"proj": {"kernel": kernel}}}  # nn.scan: 3 layers stacked
-    params = perturbed(gl.wrap(base, ["proj"], gl.LoRAConfig(rank=2), stacked="layers"), 1)
+    params = perturbed(gl.wrap(base, ["proj"], gl.LoRAConfig(rank=2), stacked="layers"), 1, 1.0)
     with gl.AdapterCheckpointer(tmp_path) as ckpt:
         ckpt.save(1, params)
     fresh = gl.wrap(base, ["proj"], gl.LoRAConfig(rank=2), stacked="layers")
@@ -120,7 +111,7 @@ def test_stacked_adapters_of_a_scan_round_trip(tmp_path):
 @pytest.fixture
 def saved_dir(base, key, tmp_path):
     tx = gl.optimizer(optax.adamw(1e-2))
-    adapters, opt_state = trained_state(perturbed(wrapped(base), 0), tx)
+    adapters, opt_state = trained_state(perturbed(wrapped(base), 0, 1.0), tx)
     with gl.AdapterCheckpointer(tmp_path / "run") as ckpt:
         ckpt.save(5, gl.join(gl.split(wrapped(base))[0], adapters), opt_state=opt_state)
     return tmp_path / "run"

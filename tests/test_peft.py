@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
+from conftest import perturbed
 from flax import traverse_util
 
 import genlora_jax as gl
@@ -23,16 +24,6 @@ QKV = ["query", "key", "value"]
 def needs_torch_peft():
     pytest.importorskip("torch", reason=INSTALL)
     return pytest.importorskip("peft", reason=INSTALL)
-
-
-def perturbed(params, seed):
-    """Adapter leaves moved off their init (B = 0 there), so ΔW is far from 0."""
-    base, adapters = gl.split(params)
-    noise = np.random.default_rng(seed)
-    moved = jax.tree.map(
-        lambda x: jnp.asarray(x + 0.1 * noise.uniform(-1, 1, x.shape).astype(x.dtype)), adapters
-    )
-    return gl.join(base, moved)
 
 
 def random_like(shapes, seed=0):
@@ -104,7 +95,7 @@ def genlora_params(minilm):
         gl.GenLoRAConfig(rank=8, groups=16),
         overrides={"value": gl.LoRAConfig(rank=4, alpha=3.0)},
     )
-    return perturbed(params, 1)
+    return perturbed(params, 1, 0.1)
 
 
 @pytest.mark.lenient
@@ -194,7 +185,7 @@ def test_head_and_dora_through_peft(minilm, minilm_path, inputs, tmp_path):
     params = gl.wrap(
         base, ["query", "value"], gl.DoRAConfig(rank=4), extra_trainable=["classifier"]
     )
-    params = perturbed(params, 2)
+    params = perturbed(params, 2, 0.1)
     config = gl.export_peft(params, tmp_path, task_type="SEQ_CLS")
     assert config["use_dora"] and config["modules_to_save"] == ["classifier"]
 
@@ -231,7 +222,7 @@ def test_gpt2_conv1d_exports_with_fan_in_fan_out(tmp_path):
     )
     base = random_like(shapes)
     gl.save_merged(model, base, tmp_path / "base")  # no adapters: the base, torch-readable
-    params = perturbed(gl.wrap(base, ["c_attn"], gl.GenLoRAConfig(rank=4, groups=4)), 3)
+    params = perturbed(gl.wrap(base, ["c_attn"], gl.GenLoRAConfig(rank=4, groups=4)), 3, 0.1)
     config = gl.export_peft(params, tmp_path / "adapter")
     assert config["fan_in_fan_out"] and config["target_modules"] == ["c_attn"]
 
@@ -276,7 +267,7 @@ def test_lora_round_trip_is_exact(tmp_path):
             extra_trainable=["score", "norm"],
         )
     )(base)
-    params = perturbed(params, 0)
+    params = perturbed(params, 0, 0.1)
     config = gl.export_peft(params, tmp_path)
     # q_proj names would also select other/q_proj, so the paths are listed in full
     assert config["target_modules"] == [
