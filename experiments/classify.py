@@ -369,6 +369,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}")
+    if args.lr and len(args.lr) > 1 and not args.val_examples:
+        parser.error(
+            "a learning-rate sweep needs a validation slice to choose on; "
+            "set --val-examples > 0 (the dev set is never used to choose)"
+        )
     return args
 
 
@@ -395,12 +400,6 @@ def main(argv=None) -> dict:
     # Runs that differ only in seed compile the same programs: reuse them.
     jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
     evaluate = Evaluator(model)
-
-    if args.lr and len(args.lr) > 1 and not args.val_examples:
-        raise SystemExit(
-            "a learning-rate sweep needs a validation slice to choose on; "
-            "set --val-examples > 0 (the dev set is never used to choose)."
-        )
 
     def record(row: dict) -> dict:
         row = {**row, "command": command}
