@@ -217,3 +217,55 @@ def test_tiny_sweep_records_every_run_and_keeps_the_best_validated_rate(
     ).trainable + (384 * 2 + 2)
     assert row["trainable"] == expected
     assert (tmp_path / "sst2-genlora-lr0.001-seed1-steps2" / "loss.png").is_file()
+
+
+@pytest.mark.lenient
+def test_an_interrupted_run_resumes_to_the_same_adapters(
+    tmp_path, data_dir, minilm, monkeypatch, capsys
+):
+    def argv(out):
+        return [
+            "--methods", "lora",
+            "--data", str(data_dir),
+            "--steps", "3",
+            "--warmup", "1",
+            "--batch-size", "8",
+            "--train-examples", "48",
+            "--val-examples", "8",
+            "--dev-examples", "8",
+            "--checkpoint-every", "1",
+            "--out", str(out),
+        ]  # fmt: skip
+
+    straight = classify.main(argv(tmp_path / "straight"))
+    real_trim, calls = data_lib.trim_padding, []
+
+    def ctrl_c_before_the_third_batch(batch, multiple):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_trim(batch, multiple)
+
+    monkeypatch.setattr(data_lib, "trim_padding", ctrl_c_before_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        classify.main(argv(tmp_path / "resumed"))
+    monkeypatch.undo()
+    resumed = classify.main(argv(tmp_path / "resumed"))
+    assert "at step 2" in capsys.readouterr().out
+    assert resumed["rows"][0]["dev_accuracy"] == straight["rows"][0]["dev_accuracy"]
+
+    _, model = minilm
+    template = gl.wrap(
+        classify.init_head(dict(model.params), model, 0),
+        classify.ATTENTION_TARGETS["bert"],
+        classify.METHODS["lora"],
+        rng=jax.random.key(0),
+        extra_trainable=["classifier"],
+    )
+    final = []
+    for run in ("straight", "resumed"):
+        directory = tmp_path / run / "sst2-lora-lr0.001-seed0-steps3" / "checkpoints"
+        with gl.AdapterCheckpointer(directory) as ckpt:
+            assert ckpt.latest_step() == 3
+            final.append(gl.split(ckpt.restore(template).params)[1])
+    jax.tree.map(np.testing.assert_array_equal, *final)
