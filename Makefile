@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine (Python >= 3.10 and make):
-#   make train   the main job: GenLoRA vs LoRA on SST-2 with the real MiniLM-L6
+#   make train   the main job: LoRA r8 vs GenLoRA r8 and r32 on SST-2 with the real MiniLM-L6
 #   make test    lint + the test suite (slow end-to-end runs excluded)
 PY ?= python3
 VENV ?= .venv

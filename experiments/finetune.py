@@ -459,6 +459,13 @@ def parse_args(argv=None):
         help="base weights and compute of a pretrained model (the tiny one is float32)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="orbax checkpoint every N micro-steps under OUT/checkpoints (also at the "
+        "end and on Ctrl-C); rerunning the same command resumes from the latest",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print parameter counts and stop")
     parser.add_argument("--list", action="store_true", help="print the preset names and stop")
     args = parser.parse_args(argv)
@@ -543,19 +550,19 @@ def main(argv=None) -> dict[str, Any]:
         warmup_steps=preset.warmup_steps,
         grad_accum=preset.grad_accum,
         seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
     )
     out = Path(args.out or Path("runs/finetune") / preset.name)
     start = time.perf_counter()
-    # Checkpointing plugs in here: an `on_step` that saves `state` every N steps
-    # with `genlora_jax.AdapterCheckpointer` (genlora_jax/_checkpoint.py), and
-    # `train(..., state=restored)` to resume; `micro_batches` resumes by position.
+    # `micro_batches` is a function of the micro-step, so a run resumed from a
+    # checkpoint sees the batches the interrupted one would have seen.
     state = train(
         wrapped,
         causal_lm_loss(model),
         micro_batches(examples, preset, tokenizer.pad_token_id, args.seed),
         cfg,
         out_dir=out,
-        on_step=None,
+        checkpoint_dir=(out / "checkpoints").absolute() if args.checkpoint_every else None,
         desc=preset.name,
     )
     train_seconds = time.perf_counter() - start

@@ -139,8 +139,9 @@ def test_bad_protocols_are_refused_with_the_reason(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_every_method_has_a_default_learning_rate():
-    assert set(classify.LEARNING_RATES) == set(classify.METHODS)
+def test_every_method_has_a_default_learning_rate_per_task():
+    for task in ("sst2", "boolq"):
+        assert set(classify.LEARNING_RATES[task]) == set(classify.METHODS)
     assert set(classify.DEFAULT_METHODS) <= set(classify.METHODS)
 
 
@@ -185,7 +186,7 @@ def test_tiny_sweep_records_every_run_and_keeps_the_best_validated_rate(
 
     monkeypatch.setattr(classify, "train", train_that_diverges_at_3e_3)
     argv = [
-        "--methods", "genlora",
+        "--methods", "lora",
         "--data", str(data_dir),
         "--steps", "2",
         "--warmup", "1",
@@ -211,15 +212,16 @@ def test_tiny_sweep_records_every_run_and_keeps_the_best_validated_rate(
     assert row["lr"] == 1e-3 and row["seeds"] == [0, 1] and row["diverged_in_grid"] == ["0.003"]
     assert row["dev_accuracy"] == [rows[0]["dev_accuracy"], rows[2]["dev_accuracy"]]
     assert saved["train_examples"] == 64 and saved["dev_examples"] == 24
-    config = classify.METHODS["genlora"]
+    config = classify.METHODS["lora"]
     expected = 6 * 3 * gl.count_params(
         gl.wrap({"q": {"kernel": np.zeros((384, 384))}}, ["q"], config)
     ).trainable + (384 * 2 + 2)
     assert row["trainable"] == expected
-    assert (tmp_path / "sst2-genlora-lr0.001-seed1-steps2" / "loss.png").is_file()
+    assert (tmp_path / "sst2-lora-lr0.001-seed1-steps2" / "loss.png").is_file()
 
 
 @pytest.mark.lenient
+@pytest.mark.slow  # the loop's own resume is tested in test_train_loop and test_checkpoint
 def test_an_interrupted_run_resumes_to_the_same_adapters(
     tmp_path, data_dir, minilm, monkeypatch, capsys
 ):
@@ -264,7 +266,8 @@ def test_an_interrupted_run_resumes_to_the_same_adapters(
     )
     final = []
     for run in ("straight", "resumed"):
-        directory = tmp_path / run / "sst2-lora-lr0.001-seed0-steps3" / "checkpoints"
+        name = f"sst2-lora-lr{straight['rows'][0]['lr']:g}-seed0-steps3"
+        directory = tmp_path / run / name / "checkpoints"
         with gl.AdapterCheckpointer(directory) as ckpt:
             assert ckpt.latest_step() == 3
             final.append(gl.split(ckpt.restore(template).params)[1])

@@ -390,11 +390,14 @@ def test_tiny_preset_end_to_end(tmp_path, data_dir):
             "--eval-limit=4",
             "--max-new-tokens=16",
             "--greedy",
+            "--checkpoint-every=1",
             f"--out={out}",
         ]
     )
     saved = json.loads((out / "results.json").read_text())
     assert saved == results
+    with gl.AdapterCheckpointer((out / "checkpoints").absolute()) as ckpt:
+        assert ckpt.all_steps() == [1, 2]
     assert set(saved["accuracy"]) == {*presets.MATH_TASKS, "average"}
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
     assert math.isfinite(saved["final_loss"]) and saved["decoding"] == "greedy"
