@@ -67,7 +67,8 @@ METHODS: dict[str, gl.AdapterConfig] = {
 DEFAULT_METHODS = ["lora", "genlora", "genlora-r32"]
 # Learning rate per task used when --lr is not given: the rate each method's
 # SST-2 sweep in the README kept on the validation slice (grid 3e-4 .. 1e-2 for
-# LoRA and GenLoRA, 1e-4 added for GenLoRA; 1e-3, 3e-3 for the baselines).
+# LoRA and GenLoRA, 1e-4 added for GenLoRA; 1e-3, 3e-3 for the baselines,
+# 1e-2 added for HiRA).
 # BoolQ uses the same rates: its sweep could not tell
 # them apart (every run predicted the majority class).
 _SST2_RATES = {
@@ -75,7 +76,7 @@ _SST2_RATES = {
     "genlora": 3e-4,
     "genlora-r32": 1e-4,
     "dora": 3e-3,
-    "hira": 3e-3,
+    "hira": 1e-2,
     "melora": 3e-3,
     "aurora": 3e-3,
     "loran": 3e-3,
