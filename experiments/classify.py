@@ -35,6 +35,7 @@ neither, the hub copies load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import shlex
@@ -50,6 +51,7 @@ import optax
 
 import genlora_jax as gl
 from experiments import data as data_lib
+from experiments.generate import inference_params
 from experiments.train import NonFiniteLoss, TrainConfig, train
 
 # Rank 8 for every baseline, MELoRA with 4 minis (the paper's settings);
@@ -158,7 +160,8 @@ def classification_loss(model):
 
 class Evaluator:
     """Accuracy of a wrapped tree: the merged model when every adapter merges
-    (no interceptor at inference), else the interceptor (AuroRA).
+    (no interceptor at inference), else the interceptor (AuroRA); the choice
+    is `experiments.generate.inference_params`.
 
     The jitted forwards are built once per model, so runs of one invocation
     share their compilation.
@@ -166,17 +169,16 @@ class Evaluator:
 
     def __init__(self, model, batch_size: int = 128):
         self.model, self.batch_size = model, batch_size
-        self._merged = jax.jit(lambda p, *cols: jnp.argmax(model(*cols, params=p).logits, -1))
-        self._intercepted = jax.jit(
-            lambda p, *cols: jnp.argmax(gl.apply(model, p, *cols).logits, -1)
-        )
+
+        def predict(tree, *cols, intercept: bool):
+            with gl.adapted() if intercept else contextlib.nullcontext():
+                return jnp.argmax(model(*cols, params=tree).logits, -1)
+
+        self._predict = jax.jit(predict, static_argnames="intercept")
 
     def __call__(self, params, arrays) -> float:
         """Fraction of ``arrays["labels"]`` predicted; padded to full batches."""
-        mergeable = all(a.mergeable for a in gl.named_adapters(params).values())
-        forward, tree = (
-            (self._merged, gl.merge(params)) if mergeable else (self._intercepted, params)
-        )
+        tree, intercept = inference_params(params)
         n, bs, correct = len(arrays["labels"]), self.batch_size, 0
         for i in range(0, n, bs):
             sl = slice(i, i + bs)
@@ -185,7 +187,7 @@ class Evaluator:
                 np.pad(arrays[k][sl], ((0, pad), (0, 0)))
                 for k in ("input_ids", "attention_mask", "token_type_ids")
             ]
-            pred = np.asarray(forward(tree, *cols))[: bs - pad]
+            pred = np.asarray(self._predict(tree, *cols, intercept=intercept))[: bs - pad]
             correct += int((pred == arrays["labels"][sl]).sum())
         return correct / n
 
