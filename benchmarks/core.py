@@ -23,6 +23,7 @@ import optax
 
 import genlora_jax as gl
 from benchmarks._timing import compile_seconds, interleaved_medians, report
+from experiments.cli import positive_int
 
 TARGETS = ["query", "key", "value"]
 
@@ -80,9 +81,9 @@ def full_tree_step(model, tx):
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--seq", type=positive_int, default=64)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 

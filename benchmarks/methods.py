@@ -25,6 +25,7 @@ import optax
 import genlora_jax as gl
 from benchmarks._timing import compile_seconds, interleaved_medians, report
 from benchmarks.core import TARGETS, adapter_step, load_model, make_batch
+from experiments.cli import positive_int
 
 METHODS = {
     "LoRA r=8": gl.LoRAConfig(rank=8),
@@ -39,9 +40,9 @@ METHODS = {
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--seq", type=positive_int, default=64)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 

@@ -45,6 +45,7 @@ import genlora_jax as gl
 from benchmarks import methods
 from benchmarks._timing import compile_seconds, interleaved_medians
 from benchmarks.core import TARGETS, adapter_step, load_model, make_batch
+from experiments.cli import count, positive_int
 
 # Set before torch is imported. On shared cores OpenMP's default spin-wait more
 # than doubled the peer's step (6.2 s against 2.4 s at batch 32 × 64 here).
@@ -260,10 +261,10 @@ def write(path: Path, table: str) -> None:
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=count, default=2)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--seq", type=positive_int, default=64)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--quick", action="store_true", help="batch 4 x 16, 2 repeats")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS children")

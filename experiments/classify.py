@@ -51,6 +51,7 @@ import optax
 
 import genlora_jax as gl
 from experiments import data as data_lib
+from experiments.cli import count, positive_float, positive_int
 from experiments.generate import inference_params
 from experiments.train import NonFiniteLoss, TrainConfig, train
 
@@ -337,38 +338,38 @@ def parse_args(argv=None):
     parser.add_argument(
         "--data", default=None, help="data root (default: $GENLORA_DATA or ../shared/data)"
     )
-    parser.add_argument("--train-examples", type=int, default=4000, help="0 = all")
+    parser.add_argument("--train-examples", type=count, default=4000, help="0 = all")
     parser.add_argument(
         "--val-examples",
-        type=int,
+        type=count,
         default=1000,
         help="training rows held out to choose the learning rate",
     )
-    parser.add_argument("--dev-examples", type=int, default=0, help="0 = the whole dev split")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=0, help="overrides --epochs")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--dev-examples", type=count, default=0, help="0 = the whole dev split")
+    parser.add_argument("--epochs", type=positive_int, default=1)
+    parser.add_argument("--steps", type=count, default=0, help="overrides --epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-len", type=positive_int, default=64)
     parser.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         nargs="+",
         default=None,
         help="one rate for every method, or a grid to sweep per method\n"
         "(default: each method's rate for the task in LEARNING_RATES)",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=count, nargs="+", default=[0])
     parser.add_argument(
         "--group-by-length",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="batch examples of similar length together (data.length_grouped_order)",
     )
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--warmup", type=count, default=100)
     parser.add_argument("--out", default="runs/classify")
     parser.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=count,
         default=0,
         help="save an orbax checkpoint every N steps under OUT/<run>/checkpoints;\n"
         "rerunning the same command resumes (0: no checkpoints)",

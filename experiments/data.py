@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -96,6 +97,54 @@ def _looks_local(path_or_name: str) -> bool:
     return path_or_name.startswith(("/", ".", "~")) or path_or_name.endswith((".json", ".jsonl"))
 
 
+def check_instruction_file(path: Path, required: Sequence[str] = ("instruction", "output")) -> int:
+    """Checks a local instruction file before `datasets` parses it.
+
+    Accepts a JSON array of objects (LLM-Adapters' files) or JSON lines. Each
+    record needs the ``required`` fields as strings; ``input`` may be absent,
+    null or a string.
+
+    Returns:
+        The number of records.
+
+    Raises:
+        ValueError: the file is empty, is not valid JSON (the message gives
+            the line and column), holds no records, or a record lacks a
+            required field or has a non-string one (the message gives its
+            index and the fix).
+    """
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path} is empty; expected a JSON array of instruction records.")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        try:  # JSON lines
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                "expected a JSON array of records or one JSON object per line."
+            ) from None
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path} holds no records; expected a non-empty JSON array of objects.")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {i} is {type(record).__name__}, not a JSON object.")
+        for field in required:
+            if not isinstance(record.get(field), str):
+                got = "missing" if field not in record else f"{record[field]!r}"
+                raise ValueError(
+                    f"{path}: record {i} has {field}={got}; every record needs {field!r} as a "
+                    f"string (fields: {sorted(record)}). Fix or drop that record."
+                )
+        if record.get("input") is not None and not isinstance(record["input"], str):
+            raise ValueError(f"{path}: record {i} has a non-string input {record['input']!r}.")
+    return len(records)
+
+
 def load_instruction_dataset(path_or_name: str, split: str = "train") -> datasets.Dataset:
     """Loads LLM-Adapters style records ``{"instruction", "input", "output", ...}``.
 
@@ -114,7 +163,8 @@ def load_instruction_dataset(path_or_name: str, split: str = "train") -> dataset
     Raises:
       FileNotFoundError: If a local path does not exist or a directory has no
         ``{split}.json``.
-      ValueError: If the records lack ``instruction`` or ``output``.
+      ValueError: If a local file is empty or malformed, or the records
+        lack ``instruction`` or ``output`` (see `check_instruction_file`).
     """
     path = Path(path_or_name).expanduser()
     if path.is_dir():
@@ -125,8 +175,10 @@ def load_instruction_dataset(path_or_name: str, split: str = "train") -> dataset
                 f"{path} has no {split}.json for split={split!r}; expected a "
                 f"directory with <split>.json files (found: {found})."
             )
+        check_instruction_file(data_file)
         dataset = datasets.load_dataset("json", data_files=str(data_file), split="train")
     elif path.is_file():
+        check_instruction_file(path)
         dataset = datasets.load_dataset("json", data_files=str(path), split="train")
     elif _looks_local(path_or_name):
         raise FileNotFoundError(
@@ -276,6 +328,11 @@ def length_grouped_order(
     Returns:
       (N,) a permutation of ``range(N)``.
     """
+    if batch_size < 1 or megabatch < 1:
+        raise ValueError(
+            f"batch_size and megabatch must be ≥ 1, got batch_size={batch_size}, "
+            f"megabatch={megabatch}."
+        )
     lengths = np.asarray(lengths)
     rng = np.random.default_rng((seed, epoch))
     perm = rng.permutation(len(lengths))
@@ -320,6 +377,8 @@ def stream_indices(
         raise ValueError(f"cannot draw from an empty dataset (num_examples={num_examples}).")
     if start < 0:
         raise ValueError(f"start must be a non-negative data position, got {start}.")
+    if count < 0:
+        raise ValueError(f"count must be ≥ 0 positions, got {count}.")
     epochs, offsets = np.divmod(np.arange(start, start + count), num_examples)
     indices = np.empty(count, dtype=np.int64)
     for epoch in np.unique(epochs):
@@ -359,6 +418,8 @@ def iterate_batches(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be at least 1 token, got {seq_len}.")
     position = start
     while True:
         indices = stream_indices(len(examples), seed, position, batch_size, shuffle)
@@ -499,6 +560,8 @@ def tokenize_classification(
     Raises:
       ValueError: If the tokenizer has no pad token.
     """
+    if max_len < 1:
+        raise ValueError(f"max_len must be at least 1 token, got max_len={max_len}.")
     if tokenizer.pad_token_id is None:
         raise ValueError(
             f"{type(tokenizer).__name__} has no pad_token; set tokenizer.pad_token first."

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 import genlora_jax as gl
 from experiments import data as data_lib
 from experiments import scoring
+from experiments.cli import count, positive_int
 from experiments.generate import evaluate_tasks
 from experiments.presets import ARCHITECTURES, MODELS, PRESETS, Preset, get_preset
 from experiments.train import TrainConfig, train
@@ -446,22 +447,24 @@ def parse_args(argv=None):
     parser.add_argument("--data", help="training file (default: the preset's under the data root)")
     parser.add_argument("--eval-data", help="folder holding <task>/test.json")
     parser.add_argument("--tasks", nargs="+", help="test sets (default: the preset's)")
-    parser.add_argument("--steps", type=int, help="optimizer updates (default: the preset's)")
-    parser.add_argument("--eval-limit", type=int, help="first N examples of each test set")
+    parser.add_argument(
+        "--steps", type=positive_int, help="optimizer updates (default: the preset's)"
+    )
+    parser.add_argument("--eval-limit", type=positive_int, help="first N examples of each test set")
     parser.add_argument("--out", help="output folder (default: runs/finetune/<preset>)")
     parser.add_argument("--greedy", action="store_true", help="greedy instead of 4 beams")
-    parser.add_argument("--max-new-tokens", type=int, help="override the preset's budget")
-    parser.add_argument("--eval-batch-size", type=int, help="prompts per generation call")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="override the preset's budget")
+    parser.add_argument("--eval-batch-size", type=positive_int, help="prompts per generation call")
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
         default="bfloat16",
         help="base weights and compute of a pretrained model (the tiny one is float32)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=count, default=0)
     parser.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=count,
         default=0,
         help="orbax checkpoint every N micro-steps under OUT/checkpoints (also at the "
         "end and on Ctrl-C); rerunning the same command resumes from the latest",

@@ -38,6 +38,7 @@ import optax
 import transformers
 
 import genlora_jax as gl
+from experiments.cli import count, positive_float, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("query", "key", "value")
@@ -199,19 +200,19 @@ def main() -> None:
         help="folder holding glue_sst2/",
     )
     parser.add_argument("--out", default="runs/reconstruction", type=Path)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--groups", type=int, default=16, help="G of the trained GenLoRA")
-    parser.add_argument("--fit-groups", type=int, nargs="+", default=[16, 1])
-    parser.add_argument("--epochs", type=int, default=2000, help="Adam epochs of each fit")
+    parser.add_argument("--steps", type=positive_int, default=300)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-len", type=positive_int, default=64)
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--rank", type=positive_int, default=8)
+    parser.add_argument("--groups", type=positive_int, default=16, help="G of the trained GenLoRA")
+    parser.add_argument("--fit-groups", type=positive_int, nargs="+", default=[16, 1])
+    parser.add_argument("--epochs", type=positive_int, default=2000, help="Adam epochs of each fit")
     parser.add_argument("--factor", choices=("a", "b"), default="a")
     parser.add_argument(
         "--plot-layer", type=int, default=-1, help="layer of reconstruction*.png (default: last)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=count, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     transformers.logging.set_verbosity_error()

@@ -14,6 +14,7 @@ Ctrl-C saves a checkpoint before it stops.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -59,6 +61,25 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
 
+    def __post_init__(self) -> None:
+        for name, low in (
+            ("steps", 1),
+            ("warmup_steps", 0),
+            ("grad_accum", 1),
+            ("log_every", 1),
+            ("checkpoint_every", 0),
+            ("keep_checkpoints", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TrainConfig: {name} must be an integer ≥ {low}, got {value!r}.")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrainConfig: {name} must be a finite number ≥ 0, got {value!r}.")
+        if self.lr == 0:
+            raise ValueError("TrainConfig: lr=0 trains nothing; give a learning rate > 0.")
+
 
 def learning_rate(cfg: TrainConfig) -> optax.Schedule:
     """Linear warm-up from 0 to ``cfg.lr``, then linear decay to 0 at the last step."""
@@ -78,6 +99,16 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.MultiSteps(tx, cfg.grad_accum) if cfg.grad_accum > 1 else tx
 
 
+def _all_finite(tree) -> jax.Array:
+    """A scalar bool: no NaN or inf in any floating leaf of ``tree``."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     """The jitted update ``(adapters, opt_state, base, batch, rng) -> (..., loss)``."""
 
@@ -87,8 +118,17 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation):
             return loss_fn(gl.join(base, adapters), batch, rng)
 
         loss, grads = jax.value_and_grad(adapter_loss)(adapters)
-        updates, opt_state = tx.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss
+        updates, new_state = tx.update(grads, opt_state, adapters)
+        new_adapters = optax.apply_updates(adapters, updates)
+        # a non-finite loss, gradient or update is never applied: the old state comes back
+        finite = jnp.isfinite(loss) & _all_finite((grads, new_adapters, new_state))
+        keep = functools.partial(jnp.where, finite)
+        return (
+            jax.tree.map(keep, new_adapters, adapters),
+            jax.tree.map(keep, new_state, opt_state),
+            loss,
+            finite,
+        )
 
     return step
 
@@ -104,7 +144,7 @@ class TrainState:
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or inf."""
+    """The loss, a gradient or an update became NaN or inf (the step was not applied)."""
 
 
 def train(
@@ -153,7 +193,7 @@ def train(
         else None
     )
     if state is None and ckpt is not None and ckpt.latest_step() is not None:
-        saved = ckpt.restore(params, opt_state=tx.init(adapters))
+        saved = ckpt.restore_latest(params, opt_state=tx.init(adapters))
         state = TrainState(gl.split(saved.params)[1], saved.opt_state, saved.step, saved.rng)
         print(f"resumed from {checkpoint_dir} at step {saved.step}")
     if state is None:
@@ -180,13 +220,15 @@ def train(
         while state.step < micro_steps:
             batch = batches(state.step)
             rng, sub = jax.random.split(state.rng)
-            new_adapters, opt_state, loss = step_fn(
+            new_adapters, opt_state, loss, finite = step_fn(
                 state.adapters, state.opt_state, base, batch, sub
             )
             loss = float(loss)
-            if not math.isfinite(loss):
+            if not bool(finite):
+                what = "the loss" if not math.isfinite(loss) else "a gradient or update"
                 raise NonFiniteLoss(
-                    f"loss is {loss} at step {state.step}. Lower the learning rate "
+                    f"{what} is NaN or inf at step {state.step} (loss {loss}); the step was not "
+                    f"applied and nothing non-finite was saved. Lower the learning rate "
                     f"(lr={cfg.lr}) or lengthen warm-up, and restart from the last checkpoint."
                 )
             state = TrainState(new_adapters, opt_state, state.step + 1, rng)

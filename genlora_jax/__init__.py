@@ -23,6 +23,7 @@ from genlora_jax._aurora import AuroRAConfig as AuroRAConfig
 from genlora_jax._aurora import AuroRAParams as AuroRAParams
 from genlora_jax._checkpoint import AdapterCheckpointer as AdapterCheckpointer
 from genlora_jax._checkpoint import Checkpoint as Checkpoint
+from genlora_jax._checkpoint import CorruptCheckpointError as CorruptCheckpointError
 from genlora_jax._compare import compare_methods as compare_methods
 from genlora_jax._count import ParamCount as ParamCount
 from genlora_jax._count import count_params as count_params
@@ -31,6 +32,7 @@ from genlora_jax._dora import DoRAConfig as DoRAConfig
 from genlora_jax._dora import DoRAParams as DoRAParams
 from genlora_jax._genlora import GenLoRAConfig as GenLoRAConfig
 from genlora_jax._genlora import GenLoRAParams as GenLoRAParams
+from genlora_jax._guard import AdapterNotAppliedError as AdapterNotAppliedError
 from genlora_jax._hira import HiRAConfig as HiRAConfig
 from genlora_jax._hira import HiRAParams as HiRAParams
 from genlora_jax._intercept import adapted as adapted
@@ -75,9 +77,11 @@ __all__ = [
     "Adapter",
     "AdapterCheckpointer",
     "AdapterConfig",
+    "AdapterNotAppliedError",
     "AuroRAConfig",
     "AuroRAParams",
     "Checkpoint",
+    "CorruptCheckpointError",
     "DoRAConfig",
     "DoRAParams",
     "GenLoRAConfig",

@@ -15,12 +15,16 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import numbers
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Float, PRNGKeyArray
+
+# Adapters and extra trainable leaves live under this key in a wrapped tree.
+ADAPTER_KEY = "genlora"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,8 +48,12 @@ class AdapterConfig(abc.ABC):
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got rank={self.rank}.")
+        check_int(self, "rank", minimum=1)
+        if self.alpha is not None:
+            check_real(self, "alpha", positive=True)
+        if not isinstance(self.rslora, bool):
+            raise TypeError(f"rslora must be True or False, got rslora={self.rslora!r}.")
+        check_real(self, "dropout")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got dropout={self.dropout}.")
 
@@ -60,6 +68,27 @@ class AdapterConfig(abc.ABC):
         self, rng: PRNGKeyArray, *, m: int, n: int, kernel_transposed: bool, path: str
     ) -> Adapter:
         """Creates the adapter for one (m × n) projection at module ``path``."""
+
+
+def check_int(config: object, name: str, *, minimum: int) -> None:
+    """Raises unless ``config.name`` is an integer ≥ ``minimum`` (bools refused)."""
+    value = getattr(config, name)
+    cls = type(config).__name__
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{cls}: {name} must be an integer, got {name}={value!r}.")
+    if value < minimum:
+        raise ValueError(f"{cls}: {name} must be an integer ≥ {minimum}, got {name}={value}.")
+
+
+def check_real(config: object, name: str, *, positive: bool = False) -> None:
+    """Raises unless ``config.name`` is a finite real number (and > 0 if ``positive``)."""
+    value = getattr(config, name)
+    cls = type(config).__name__
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{cls}: {name} must be a number, got {name}={value!r}.")
+    if not math.isfinite(value) or (positive and value <= 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{cls}: {name} must be {need}, got {name}={value}.")
 
 
 class Adapter(struct.PyTreeNode, abc.ABC):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import Adapter, AdapterConfig, input_dropout
+from genlora_jax._adapter import Adapter, AdapterConfig, check_int, input_dropout
 from genlora_jax._lora import LoRAConfig
 
 SPLINE_INIT = 0.1
@@ -60,6 +60,8 @@ class AuroRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int(self, "grid_size", minimum=1)
+        check_int(self, "spline_order", minimum=0)
         object.__setattr__(self, "grid", tuple(float(v) for v in self.grid))
         lo, hi = self.grid
         if self.grid_size < 1 or self.spline_order < 0 or not lo < hi:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -40,6 +41,25 @@ FORMAT = "genlora_jax.adapter_checkpoint/1"
 # at a tolerance that accepts a base loaded in another dtype (bf16: 2⁻⁸).
 _SAMPLE = 8
 _SAMPLE_RTOL = 1e-2
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step on disk cannot be read (truncated, bit-flipped, foreign)."""
+
+
+def _check_finite(what: str, tree: Any) -> None:
+    """Refuses to save NaN or inf: a checkpoint must be a state worth resuming."""
+    for path, leaf in _flat(tree).items():
+        if isinstance(leaf, jax.ShapeDtypeStruct) or not jax.numpy.issubdtype(
+            leaf.dtype, jax.numpy.inexact
+        ):
+            continue
+        if not bool(jax.numpy.all(jax.numpy.isfinite(leaf))):
+            raise FloatingPointError(
+                f"{what} leaf {'/'.join(path)} holds NaN or inf; a checkpoint of it could not be "
+                "resumed, so nothing was saved. Restore the last good step and lower the "
+                "learning rate."
+            )
 
 
 class Checkpoint(NamedTuple):
@@ -307,8 +327,20 @@ class AdapterCheckpointer:
             data_position: where the data stream stands (any JSON value, e.g.
                 the number of examples consumed).
         """
-        os.makedirs(self.directory, exist_ok=True)
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise ValueError(f"step must be an integer ≥ 0, got step={step!r}.")
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            raise ValueError(
+                f"step {step} is not after the latest saved step {latest} in {self.directory}, "
+                "so it would not be written. Save with a larger step, or use a new directory "
+                "(or delete the later steps) to start over."
+            )
         adapters = split(params)[1]
+        _check_finite("adapter", adapters)
+        if opt_state is not None:
+            _check_finite("optimizer state", opt_state)
+        os.makedirs(self.directory, exist_ok=True)
         meta = {
             "format": FORMAT,
             **describe(params),
@@ -324,7 +356,32 @@ class AdapterCheckpointer:
             items["opt_state"] = ocp.args.StandardSave(
                 traverse_util.unflatten_dict(_flat(opt_state))
             )
-        self._manager.save(step, args=ocp.args.Composite(**items))
+        if not self._manager.save(step, args=ocp.args.Composite(**items)):
+            raise RuntimeError(f"orbax declined to save step {step} in {self.directory}.")
+
+    def restore_latest(self, params: Mapping, *, opt_state: Any = None) -> Checkpoint:
+        """`restore` of the newest step that reads, skipping corrupted ones.
+
+        A step that fails to read (`CorruptCheckpointError`) is reported with
+        a warning and the previous step is tried; a checkpoint that does not
+        fit ``params`` is an error, as in `restore`.
+
+        Raises:
+            FileNotFoundError: no step on disk.
+            CorruptCheckpointError: every step is corrupted.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint step in {self.directory}.")
+        for step in reversed(steps):
+            try:
+                return self.restore(params, opt_state=opt_state, step=step)
+            except CorruptCheckpointError as err:
+                warnings.warn(f"skipping step {step}: {err}", stacklevel=2)
+        raise CorruptCheckpointError(
+            f"every checkpoint step in {self.directory} is corrupted ({steps}); start a fresh "
+            "run in a new directory."
+        )
 
     def restore(
         self, params: Mapping, *, opt_state: Any = None, step: int | None = None
@@ -345,7 +402,9 @@ class AdapterCheckpointer:
         Raises:
             FileNotFoundError: no such directory or step.
             ValueError: the checkpoint does not fit ``params`` or ``opt_state``
-                (the message names the first difference), or it is corrupted.
+                (the message names the first difference).
+            CorruptCheckpointError: the step cannot be read (a `ValueError`;
+                `restore_latest` falls back to the previous step).
         """
         self.wait_until_finished()
         steps = self.all_steps()
@@ -359,12 +418,15 @@ class AdapterCheckpointer:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = meta["meta"]
         except Exception as err:
-            raise ValueError(
+            raise CorruptCheckpointError(
                 f"checkpoint {where} has no readable metadata ({type(err).__name__}: {err}); it is "
                 f"corrupted. Restore another step (complete steps: {steps})."
             ) from err
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{where} is not a genlora_jax adapter checkpoint ({FORMAT}).")
+            raise CorruptCheckpointError(
+                f"{where} is not a genlora_jax adapter checkpoint ({FORMAT}); move it out of "
+                "the checkpoint directory."
+            )
         check_compatible(meta, describe(params))
         base, adapters = split(params)
         items = {"adapters": ocp.args.StandardRestore(_abstract(adapters))}
@@ -385,7 +447,7 @@ class AdapterCheckpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as err:
-            raise ValueError(
+            raise CorruptCheckpointError(
                 f"checkpoint {where} could not be read ({type(err).__name__}: {err}); it is "
                 f"corrupted. Restore another step (complete steps: {steps})."
             ) from err

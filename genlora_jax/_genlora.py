@@ -16,7 +16,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import AdapterConfig, LowRankAdapter, kaiming_uniform
+from genlora_jax._adapter import (
+    AdapterConfig,
+    LowRankAdapter,
+    check_int,
+    check_real,
+    kaiming_uniform,
+)
 from genlora_jax._rbf import ACTIVATIONS, generate_basis, rbf_centres
 
 
@@ -54,6 +60,9 @@ class GenLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int(self, "groups", minimum=1)
+        check_int(self, "centres", minimum=2)
+        check_real(self, "eps", positive=True)
         object.__setattr__(self, "grid", tuple(float(v) for v in self.grid))
         rbf_centres(self.centres, self.grid)
         if self.base_activation not in ACTIVATIONS:

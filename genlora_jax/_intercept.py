@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 from jaxtyping import PRNGKeyArray
 
+from genlora_jax import _guard
 from genlora_jax._adapter import Adapter
 from genlora_jax._wrap import ADAPTER_KEY, model_params, path_str
 
@@ -93,7 +94,7 @@ def adapted(*, rng: PRNGKeyArray | None = None) -> Iterator[None]:
         >>> with gl.adapted():  # doctest: +SKIP
         ...     y = module.apply({"params": gl.model_params(params)}, x)
     """
-    with nn.intercept_methods(_interceptor(rng)):
+    with nn.intercept_methods(_interceptor(rng)), _guard.adapters_applied():
         yield
 
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import Adapter, AdapterConfig, input_dropout
+from genlora_jax._adapter import Adapter, AdapterConfig, check_real, input_dropout
 from genlora_jax._lora import LoRAConfig
 
 
@@ -38,6 +38,11 @@ class LoRANConfig(AdapterConfig):
 
     amplitude: float = 5e-4
     frequency: float = 1000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_real(self, "amplitude")
+        check_real(self, "frequency")
 
     def init(self, rng, *, m, n, kernel_transposed, path):
         lora = LoRAConfig(rank=self.rank).init(

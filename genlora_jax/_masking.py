@@ -51,4 +51,15 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     def labels(tree: Any) -> Any:
         return jax.tree.map(lambda t: "trainable" if t else "frozen", trainable_mask(tree))
 
-    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+    inner = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+    def init(params: Any) -> Any:
+        if not any(jax.tree.leaves(trainable_mask(params))):
+            raise ValueError(
+                "this tree has no trainable leaf (no adapter, no extra trainable leaf), so "
+                "every update would be zero. Initialise the optimizer with the tree returned "
+                "by `genlora_jax.wrap` (or its adapter half, `genlora_jax.split(params)[1]`)."
+            )
+        return inner.init(params)
+
+    return inner._replace(init=init)

@@ -21,7 +21,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import AdapterConfig, LowRankAdapter, input_dropout, kaiming_uniform
+from genlora_jax._adapter import (
+    AdapterConfig,
+    LowRankAdapter,
+    check_int,
+    input_dropout,
+    kaiming_uniform,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,7 +45,8 @@ class MELoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mini < 1 or self.rank % self.mini:
+        check_int(self, "mini", minimum=1)
+        if self.rank % self.mini:
             raise ValueError(
                 f"mini={self.mini} must be a positive divisor of rank={self.rank} (the total "
                 "rank is mini · per-mini rank); e.g. rank=8, mini=4 gives 4 minis of rank 2."

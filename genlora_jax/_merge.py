@@ -7,15 +7,24 @@ computed under `jax.vmap` over those axes.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from genlora_jax import _guard
 from genlora_jax._adapter import Adapter
 from genlora_jax._wrap import ADAPTER_KEY, Params, path_str
+
+# Digest of a merged kernel → digests of the adapters merged into it (newest last).
+_MERGED: collections.OrderedDict[bytes, set[bytes]] = collections.OrderedDict()
+_MAX_RECORDS = 4096
+_SAMPLE = 4096
 
 
 def _w0(kernel, adapter: Adapter):
@@ -35,11 +44,45 @@ def _per_layer(fn: Callable, kernel) -> Callable:
     return fn
 
 
+def _concrete(*trees) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+
+
+def _digest(*arrays) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.asarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()
+
+
+def _kernel_digest(path: tuple, kernel) -> bytes:
+    """Digest of a kernel's path, shape and ~4k evenly strided values."""
+    flat = jnp.ravel(kernel)
+    sample = flat[:: max(1, flat.size // _SAMPLE)]
+    return _digest(np.frombuffer("/".join(map(str, path)).encode(), np.uint8), sample)
+
+
+def _adapter_digest(adapter: Adapter) -> bytes:
+    return _digest(*jax.tree.leaves(adapter))
+
+
+def _record(kernel: bytes, adapter: bytes) -> None:
+    _MERGED.setdefault(kernel, set()).add(adapter)
+    _MERGED.move_to_end(kernel)
+    while len(_MERGED) > _MAX_RECORDS:
+        _MERGED.popitem(last=False)
+
+
 def merge(params: Mapping) -> Params:
     """Plain params of the original structure, with every kernel W0 + ΔW.
 
     The result needs no interceptor: ``model(..., params=merge(params))``.
     ΔW is computed in float32 and the sum is cast to the kernel's dtype.
+    Outside `jax.jit`, each merged kernel is recorded (a digest of its values
+    and of its adapter) so that `unmerge` can refuse what this merge did not
+    produce.
 
     Raises:
         ValueError: an adapter cannot be merged (its nonlinearity acts on
@@ -63,25 +106,76 @@ def merge(params: Mapping) -> Params:
         kernel = flat[kpath]
         merged = _per_layer(lambda a, w: a.merged_weight(w), kernel)(adapter, _w0(kernel, adapter))
         out[kpath] = _kernel(merged, adapter, kernel.dtype)
+        if _concrete(out[kpath], adapter):
+            _record(_kernel_digest(kpath, out[kpath]), _adapter_digest(adapter))
     return traverse_util.unflatten_dict(out)
 
 
-def unmerge(merged: Mapping, adapters: Mapping) -> Params:
+def _verify(kpath: tuple, kernel, adapter: Adapter) -> None:
+    """Raises unless ``kernel`` is what `merge` made of some W0 with ``adapter``."""
+    where = path_str(kpath[:-1])
+    if not _concrete(kernel, adapter):
+        raise ValueError(
+            f"{where}: unmerge cannot check under jax.jit that this kernel was merged with "
+            "these adapters; call it outside jit, or pass verify=False if you are sure."
+        )
+    record = _MERGED.get(_kernel_digest(kpath, kernel))
+    if record is None:
+        raise ValueError(
+            f"{where}: this kernel is not one that genlora_jax.merge produced in this process "
+            "(never merged, changed since, or merged elsewhere); unmerging it would shift W0 by "
+            "-ΔW. Unmerge the tree that merge returned, with the adapters it merged; if it was "
+            "merged in another process and you are sure, pass verify=False."
+        )
+    if _adapter_digest(adapter) not in record:
+        raise ValueError(
+            f"{where}: this kernel was merged with other adapters than the ones given; "
+            "unmerging would not recover W0. Pass the adapter half of the tree that was merged "
+            "(`genlora_jax.split(params)[1]`)."
+        )
+
+
+def unmerge(merged: Mapping, adapters: Mapping, *, verify: bool = True) -> Params:
     """Inverse of `merge`: the wrapped tree, given the adapter half of `split`.
 
     Kernels are recovered as W − ΔW in float32, so they equal the original W0
     up to rounding: |error| ≤ a few ulp of |W0| + |ΔW| (about 1e-7 relative in
     float32; bfloat16 kernels lose what the merge rounded away).
+
+    Args:
+        merged: a tree returned by `merge`.
+        adapters: the adapter half (`split(params)[1]`) of the tree that was merged.
+        verify: refuse kernels that `merge` did not produce in this process
+            with exactly these adapters (a never-merged tree, adapters of
+            another run, modules that were not merged). Checking needs
+            concrete arrays; under `jax.jit`, or for a tree merged in another
+            process, pass False and vouch for the pair yourself.
+
+    Raises:
+        ValueError: ``verify`` found a kernel that is not the merge of these
+            adapters, or an adapter's module has no kernel in ``merged``.
+        NotImplementedError: an adapter cannot recover W0 (DoRA).
     """
     flat = traverse_util.flatten_dict(unfreeze(merged))
     out = dict(flat)
+    checks = []
     for key, leaf in traverse_util.flatten_dict(unfreeze(adapters)).items():
         if isinstance(leaf, Adapter):
             kpath = (*key[:-1], "kernel")
+            if kpath not in flat:
+                raise ValueError(
+                    f"{path_str(key[:-1])}: the adapters have a module that the merged tree "
+                    "lacks; these adapters belong to another model."
+                )
             kernel = flat[kpath]
             w0 = _per_layer(lambda a, w: a.unmerged_weight(w), kernel)(leaf, _w0(kernel, leaf))
             out[kpath] = _kernel(w0, leaf, kernel.dtype)
             out[key] = leaf
+            checks.append((kpath, kernel, leaf))
         else:
             out[key] = out.pop(key[1:])
+    if verify:
+        for check in checks:
+            _verify(*check)
+    _guard.install()
     return traverse_util.unflatten_dict(out)

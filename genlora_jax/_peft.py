@@ -232,6 +232,22 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
+def _read_peft_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{adapter_dir} has no {CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote."
+        )
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds {type(config).__name__}, not a PEFT config object.")
+    return config
+
+
 def _split_key(key: str, module_prefix: str) -> tuple[str, str]:
     """'base_model.model.<prefix><module>.<name>' → (Flax module path, name)."""
     head = PEFT_PREFIX + module_prefix
@@ -287,14 +303,27 @@ def import_peft(
             trained biases), a module that ``params`` lack, or factor shapes
             that do not fit the kernel.
     """
-    with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
-        config = json.load(f)
+    config = _read_peft_config(adapter_dir)
     if config.get("peft_type") != "LORA" or config.get("bias", "none") != "none":
         raise ValueError(
             f"{adapter_dir}: peft_type={config.get('peft_type')!r}, bias={config.get('bias')!r}; "
             "only LoRA/DoRA adapters without trained biases can be imported."
         )
-    tensors = safetensors.flax.load_file(os.path.join(adapter_dir, WEIGHTS_NAME))
+    if not isinstance(config.get("lora_alpha"), int | float) or config["lora_alpha"] <= 0:
+        raise ValueError(
+            f"{adapter_dir}/{CONFIG_NAME}: lora_alpha is {config.get('lora_alpha')!r}; a PEFT "
+            "LoRA config needs a positive lora_alpha (the file is incomplete or not PEFT's)."
+        )
+    weights = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{adapter_dir} has no {WEIGHTS_NAME}; expected PEFT's weights.")
+    try:
+        tensors = safetensors.flax.load_file(weights)
+    except Exception as err:
+        raise ValueError(
+            f"{weights} is not a readable safetensors file ({type(err).__name__}: {err}); "
+            "it is truncated or corrupted."
+        ) from None
     modules: dict[str, dict[str, Any]] = collections.defaultdict(dict)
     extras: dict[str, dict[str, Any]] = collections.defaultdict(dict)
     for key, value in tensors.items():
@@ -306,9 +335,16 @@ def import_peft(
         if key[-1] == "kernel"
     }
     make = DoRAConfig if config.get("use_dora") else LoRAConfig
+    needed = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if config.get("use_dora") else set())
     overrides = {}
     for module, factors in modules.items():
         torch_module = module_prefix + module.replace("/", ".")
+        missing = sorted(needed - set(factors))
+        if missing:
+            raise ValueError(
+                f"{weights}: module {torch_module!r} has {sorted(factors)} but lacks {missing}; "
+                "the adapter file is incomplete (every adapted module needs both factors)."
+            )
         if module not in kernels:
             raise ValueError(
                 f"the adapter adapts {torch_module!r} but these params have no kernel at "

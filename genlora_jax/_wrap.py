@@ -32,10 +32,9 @@ from flax import traverse_util
 from flax.core import unfreeze
 from jaxtyping import PRNGKeyArray
 
-from genlora_jax._adapter import Adapter, AdapterConfig
+from genlora_jax import _guard
+from genlora_jax._adapter import ADAPTER_KEY, Adapter, AdapterConfig
 from genlora_jax._genlora import GenLoRAConfig
-
-ADAPTER_KEY = "genlora"
 
 # GPT-2-style `Conv1D` modules store W0 itself, (m, n), not W0ᵀ.
 GPT2_CONV1D = r"(.*/)?(c_attn|c_proj|c_fc|q_attn)"
@@ -128,6 +127,46 @@ def find_targets(
     return sorted(selected)
 
 
+def _check_config(config: Any, what: str) -> None:
+    if isinstance(config, type) and issubclass(config, AdapterConfig):
+        raise TypeError(
+            f"{what} is the class {config.__name__}, not a config; pass an instance, "
+            f"e.g. {config.__name__}(rank=8)."
+        )
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(
+            f"{what} must be an AdapterConfig instance (e.g. GenLoRAConfig()), got "
+            f"{type(config).__name__}."
+        )
+
+
+def _check_rng(rng: Any) -> None:
+    dtype = getattr(rng, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == "uint32" and getattr(rng, "shape", None) == (2,)
+    if not (typed or raw):
+        raise TypeError(
+            f"rng must be a PRNG key such as jax.random.key(0), got {rng!r:.60}; "
+            "to seed with an integer, pass jax.random.key(seed)."
+        )
+
+
+def _check_overrides(
+    overrides: Mapping[str, AdapterConfig | Mapping], paths: Sequence[Path]
+) -> None:
+    """Every override must be a config or a dict of fields, and must match a target."""
+    for pattern, override in overrides.items():
+        if not isinstance(override, Mapping):
+            _check_config(override, f"overrides[{pattern!r}]")
+        if not any(matches(pattern, path) for path in paths):
+            shown = ", ".join(path_str(p) for p in paths[:3])
+            raise ValueError(
+                f"overrides pattern {pattern!r} matches none of the {len(paths)} targeted "
+                f"modules (e.g. {shown}); it would change nothing. Fix the pattern (a module "
+                "name or a regex over the whole path) or drop it."
+            )
+
+
 def _config_for(
     path: Path, config: AdapterConfig, overrides: Mapping[str, AdapterConfig | Mapping]
 ) -> AdapterConfig:
@@ -136,7 +175,14 @@ def _config_for(
             if isinstance(override, AdapterConfig):
                 config = override
             else:
-                config = dataclasses.replace(config, **override)
+                try:
+                    config = dataclasses.replace(config, **override)
+                except TypeError as err:
+                    fields = sorted(f.name for f in dataclasses.fields(config))
+                    raise TypeError(
+                        f"overrides[{pattern!r}] = {dict(override)!r} does not fit "
+                        f"{type(config).__name__} ({err}); its fields are {fields}."
+                    ) from None
     return config
 
 
@@ -188,7 +234,9 @@ def wrap(
         (4, 4, 16)
     """
     config = GenLoRAConfig() if config is None else config
+    _check_config(config, "config")
     rng = jax.random.key(0) if rng is None else rng
+    _check_rng(rng)
     flat = _flat(params)
     if any(ADAPTER_KEY in key for key in flat):
         raise ValueError(
@@ -196,6 +244,7 @@ def wrap(
             "(`genlora_jax.split(params)[0]`) or `genlora_jax.merge(params)` first."
         )
     paths = find_targets(params, targets, stacked=stacked)
+    _check_overrides(overrides or {}, paths)
     extra = _extra_keys(flat, extra_trainable)
     clash = [key for key in extra if key[:-1] in paths]
     if clash:
@@ -213,6 +262,7 @@ def wrap(
             cfg.init, m=m, n=n, kernel_transposed=transposed, path=path_str(path)
         )
         out[(*path, ADAPTER_KEY)] = _init_per_layer(init, key, shape[:-2])
+    _guard.install()
     return traverse_util.unflatten_dict(out)
 
 
@@ -259,6 +309,7 @@ def split(params: Mapping) -> tuple[Params, Params]:
 
 def join(base: Mapping, adapters: Mapping) -> Params:
     """Inverse of `split`."""
+    _guard.install()
     return traverse_util.unflatten_dict({**_flat(base), **_flat(adapters)})
 
 

@@ -1,0 +1,82 @@
+"""The guard that makes a forgotten `genlora_jax.apply` loud.
+
+Adapters sit beside their kernels in the parameter tree, and a Flax module
+only reads the variables it declares: called directly on a wrapped tree
+(``model(ids, params=wrapped)``, ``module.apply({"params": wrapped}, x)``), a
+model would silently return the *base* output. Once a process has built a
+wrapped tree, this module keeps a method interceptor at the bottom of the
+thread's interceptor stack that raises when a module holding an adapter runs
+``__call__`` outside `genlora_jax.adapted` (which `genlora_jax.apply` enters).
+
+The guard costs one Python check per module call while tracing (nothing in
+compiled code). It is installed per thread, only when no other interceptor is
+active, so it never breaks another ``intercept_methods`` context's stack order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import flax.linen as nn
+
+from genlora_jax._adapter import ADAPTER_KEY
+
+_STATE = threading.local()
+
+
+class AdapterNotAppliedError(RuntimeError):
+    """A module holding an adapter was called without the adapter applied."""
+
+
+def _depth() -> int:
+    return getattr(_STATE, "depth", 0)
+
+
+@contextlib.contextmanager
+def adapters_applied() -> Iterator[None]:
+    """Marks the enclosed module calls as deliberate (the interceptor is active)."""
+    _STATE.depth = _depth() + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+
+
+def _guard(next_fun, args, kwargs, context):
+    module = context.module
+    if (
+        context.method_name == "__call__"
+        and _depth() == 0
+        and module.scope is not None
+        and module.has_variable("params", ADAPTER_KEY)
+    ):
+        path = "/".join(str(p) for p in module.path)
+        raise AdapterNotAppliedError(
+            f"{path} holds a genlora_jax adapter, but the model was called without it, "
+            "which would silently compute the base model. Call `genlora_jax.apply(model, "
+            "params, ...)` (or the model inside `with genlora_jax.adapted():`), or merge "
+            "first: `model(..., params=genlora_jax.merge(params))`. For the base model alone "
+            "pass `genlora_jax.split(params)[0]`."
+        )
+    return next_fun(*args, **kwargs)
+
+
+def install() -> None:
+    """Puts the guard under this thread's interceptors (idempotent).
+
+    Skipped while any other interceptor is active: pushing under a running
+    ``intercept_methods`` context would break its stack order. The next
+    call made outside such a context installs it.
+    """
+    if getattr(_STATE, "installed", False):
+        return
+    stack = getattr(nn.module, "_global_interceptor_stack", None)
+    if stack is None or len(stack):
+        return
+    # Entered and never exited; the reference keeps the generator (whose
+    # `finally` would pop the guard) alive as long as the thread.
+    _STATE.context = nn.intercept_methods(_guard)
+    _STATE.context.__enter__()
+    _STATE.installed = True
