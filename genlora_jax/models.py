@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -154,7 +155,8 @@ def load_gguf(
     config = llama_config(reader, path)
     if float(config.rope_theta) != 10000.0:
         _honour_rope_theta()
-    model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
+    with jax.numpy_rank_promotion("allow"):  # the constructor traces transformers' model code
+        model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
     params = _params(reader, config, dtype, path)
     tokenizer = gguf_tokenizer(reader, path)
     return model, params, tokenizer
@@ -526,6 +528,7 @@ def gguf_tokenizer(reader: gguf.GGUFReader, path: Path | str = "") -> PreTrained
         pad_token=token("padding_token_id"),
         chat_template=_field(reader, "tokenizer.chat_template", None),
         padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
         clean_up_tokenization_spaces=False,
         **kwargs,
     )

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,3 +105,40 @@ def perturbed(params, seed, scale):
         adapters,
     )
     return gl.join(base, moved)
+
+
+# float32 unit roundoff (2⁻²⁴; numpy's eps is 2ε = 1.19e-7).
+F32_EPS = float(np.finfo(np.float32).eps) / 2
+
+
+def f32_tolerance(terms: int, magnitude: float, *, layers: int = 1) -> float:
+    """How far two float32 computations of the same value may drift apart.
+
+    STYLE.md's bound: a sum of ``terms`` products of size ``magnitude`` is
+    good to terms·u·magnitude (Higham's γ_n), whatever the summation order,
+    fusion or thread count. Through ``layers`` stacked layers the rounding of
+    each adds up (the nets tested are well conditioned: normalised, residual).
+    Two computations that differ in order may each be off by that much, hence 2×.
+    """
+    return 2 * layers * terms * F32_EPS * magnitude
+
+
+def assert_f32_close(actual, desired, *, terms, layers=1, bug=None, err_msg=""):
+    """``actual`` equals ``desired`` within `f32_tolerance`, scaled by max|desired|.
+
+    Args:
+        terms: the longest reduction on the path (e.g. the FFN width).
+        layers: stacked layers the rounding passes through.
+        bug: the size of the difference a real bug would make (e.g. the
+            adapters' effect on the output); asserted to be ≥ 10× the
+            tolerance, so a missing scale or a transposed factor still fails.
+    """
+    desired = np.asarray(desired, np.float64)
+    tol = f32_tolerance(terms, float(np.abs(desired).max()), layers=layers)
+    if bug is not None:
+        assert bug >= 10 * tol, (
+            f"the test cannot see a bug of size {bug:.3g} at tolerance {tol:.3g}"
+        )
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), desired, rtol=0, atol=tol, err_msg=err_msg
+    )

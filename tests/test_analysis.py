@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_f32_close
 from test_rbf import reference_basis
 
 import genlora_jax as gl
@@ -69,8 +70,9 @@ def test_spectrum_matches_numpy_svd_exactly(lora_params):
         want = np.linalg.svd(dw, compute_uv=False)
         sigmas = SIGMAS[path.split("/")[1]]
         assert spectra[path].shape == (min(M, N),)
-        np.testing.assert_allclose(spectra[path], want, atol=2e-6)
-        np.testing.assert_allclose(spectra[path][: len(sigmas)], sigmas, rtol=1e-5)
+        # singular values of a float32 matrix are good to ~n·u·σ_max, not relative to each σ
+        assert_f32_close(spectra[path], want, terms=max(M, N))
+        assert_f32_close(spectra[path][: len(sigmas)], sigmas, terms=max(M, N))
         assert int(gl.effective_rank(spectra[path])) == int(np.sum(want > 0.005))
         assert int(gl.effective_rank(spectra[path])) == sum(s > 0.005 for s in sigmas)
         np.testing.assert_allclose(gl.energy(spectra[path]), np.sum(want**2), rtol=1e-5)

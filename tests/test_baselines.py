@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_llama_config
+from conftest import assert_f32_close, tiny_llama_config
 from scipy.interpolate import BSpline
 
 import genlora_jax as gl
@@ -266,14 +266,16 @@ def test_tiny_model_init_grad_train_merge(run, key):
         ):
             gl.merge(trained)
         return
-    np.testing.assert_allclose(out["merged"], out["trained"], atol=1e-5, rtol=1e-5)
+    # two layers: the projections (n = 32 terms) and the head (M + N = 80)
+    effect = float(jnp.max(jnp.abs(out["trained"] - out["base"])))
+    assert_f32_close(out["merged"], out["trained"], terms=M + N, layers=2, bug=effect)
     if not invertible:
         merged = jax.eval_shape(gl.merge, trained)
         with pytest.raises(NotImplementedError, match="DoRA cannot recover W0"):
             jax.eval_shape(gl.unmerge, merged, gl.split(trained)[1])
         return
     for old, new in zip(jax.tree.leaves(trained), jax.tree.leaves(out["unmerged"]), strict=True):
-        np.testing.assert_allclose(new, old, atol=1e-6)
+        assert_f32_close(new, old, terms=2)  # (W0 + ΔW) − ΔW, two roundings
 
 
 @pytest.mark.lenient
@@ -301,8 +303,9 @@ def test_tiny_llama_identity_at_init(key):
         assert {type(a.config) for a in gl.named_adapters(params).values()} == {
             type(c) for c in cfg.values()
         }
-        # bit-exact at the layer (tests above); here XLA fuses the two graphs differently
-        np.testing.assert_allclose(logits(params), base_out, atol=1e-6, rtol=0, err_msg=str(cfg))
+        # bit-exact at the layer (tests above); here XLA fuses the two graphs differently:
+        # 2 layers and the LM head, widest reduction the FFN's 128 or the vocabulary's 128
+        assert_f32_close(logits(params), base_out, terms=128, layers=3, err_msg=str(cfg))
 
 
 # LLaMA-3-8B, targets q, k, v: (m, n) of q, k, v in each of 32 layers.

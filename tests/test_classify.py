@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import assert_f32_close
 
 import genlora_jax as gl
 from experiments import classify
@@ -88,7 +89,8 @@ def test_trimmed_batches_give_the_encoder_the_same_logits(minilm, data_dir):
     def logits(a):
         return model(a["input_ids"], a["attention_mask"], a["token_type_ids"]).logits
 
-    np.testing.assert_allclose(logits(trimmed), logits(arrays), atol=1e-5)
+    # masked keys drop out of the softmax sums: float32 rounding through 6 layers (FFN 1536)
+    assert_f32_close(logits(trimmed), logits(arrays), terms=1536, layers=6)
 
 
 # ---------------------------------------------------------------- protocol

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
-from conftest import perturbed
+from conftest import assert_f32_close, perturbed
 from flax import traverse_util
 
 import genlora_jax as gl
@@ -337,7 +337,9 @@ def test_merged_model_loads_with_plain_transformers(minilm, genlora_params, inpu
     loaded, params = tf.FlaxBertModel.from_pretrained(tmp_path, _do_init=False)
     ids, mask = inputs
     plain = jax.jit(lambda p: loaded(ids, attention_mask=mask, params=p).last_hidden_state)
-    np.testing.assert_allclose(np.asarray(plain(params)), ours, atol=1e-5, rtol=0)
+    # merged W vs W0 x + ΔW x: float32 rounding through MiniLM's 6 layers (FFN 1536)
+    effect = np.abs(ours - flax_hidden(minilm, without_updates(genlora_params), inputs)).max()
+    assert_f32_close(plain(params), ours, terms=1536, layers=6, bug=effect)
     pytest.importorskip("torch", reason=INSTALL)
     torch_model, info = tf.BertModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys

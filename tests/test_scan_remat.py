@@ -6,6 +6,7 @@ outputs and gradients must agree, and merging must equal W0 + ΔW computed
 layer by layer in the test.
 """
 
+import functools
 import operator
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 import transformers as tf
+from conftest import assert_f32_close
 
 import genlora_jax as gl
 
@@ -67,10 +69,10 @@ def perturbed(params, seed=0):
 
 
 def assert_close(actual, desired, err_msg=""):
-    """Equal up to float32 rounding of sums taken in another order."""
+    """Equal up to float32 rounding of sums taken in another order (widths ≤ 64,
+    up to 3 layers)."""
     for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True):
-        a, b = np.asarray(a), np.asarray(b)
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=err_msg)
+        assert_f32_close(a, b, terms=64, layers=3, err_msg=err_msg)
 
 
 def layer(tree, i):
@@ -166,10 +168,13 @@ def test_scanned_equals_unrolled_and_merged(base, key):
     assert_close(scanned(merged), out)
 
     # unmerge gives the stacked base kernels back
-    back = jax.jit(gl.unmerge)(merged, gl.split(params)[1])
+    # (checked against the record of an eager merge; under jit the caller vouches)
+    eager = gl.unmerge(gl.merge(params), gl.split(params)[1])
+    back = jax.jit(functools.partial(gl.unmerge, verify=False))(merged, gl.split(params)[1])
     assert jax.tree.structure(back) == jax.tree.structure(params)
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b, c in zip(*map(jax.tree.leaves, (back, eager, params)), strict=True):
+        assert_f32_close(a, c, terms=2)  # (W0 + ΔW) − ΔW, two roundings
+        assert_f32_close(b, c, terms=2)
 
 
 def test_scan_and_remat_gradients_equal_unrolled_and_every_layer_trains(base, key):
