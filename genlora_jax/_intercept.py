@@ -21,7 +21,7 @@ from jaxtyping import PRNGKeyArray
 
 from genlora_jax import _guard
 from genlora_jax._adapter import Adapter
-from genlora_jax._wrap import ADAPTER_KEY, model_params, path_str
+from genlora_jax._wrap import ADAPTER_KEY, check_rng, model_params, path_str
 
 _ACTIVE = threading.local()
 
@@ -94,6 +94,8 @@ def adapted(*, rng: PRNGKeyArray | None = None) -> Iterator[None]:
         >>> with gl.adapted():  # doctest: +SKIP
         ...     y = module.apply({"params": gl.model_params(params)}, x)
     """
+    if rng is not None:
+        check_rng(rng, "adapter_rng")
     with nn.intercept_methods(_interceptor(rng)), _guard.adapters_applied():
         yield
 

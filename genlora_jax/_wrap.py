@@ -140,13 +140,14 @@ def _check_config(config: Any, what: str) -> None:
         )
 
 
-def _check_rng(rng: Any) -> None:
+def check_rng(rng: Any, what: str = "rng") -> None:
+    """Raises unless ``rng`` is a typed PRNG key or a raw uint32 key of shape (2,)."""
     dtype = getattr(rng, "dtype", None)
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
     raw = dtype == "uint32" and getattr(rng, "shape", None) == (2,)
     if not (typed or raw):
         raise TypeError(
-            f"rng must be a PRNG key such as jax.random.key(0), got {rng!r:.60}; "
+            f"{what} must be a PRNG key such as jax.random.key(0), got {rng!r:.60}; "
             "to seed with an integer, pass jax.random.key(seed)."
         )
 
@@ -236,7 +237,7 @@ def wrap(
     config = GenLoRAConfig() if config is None else config
     _check_config(config, "config")
     rng = jax.random.key(0) if rng is None else rng
-    _check_rng(rng)
+    check_rng(rng)
     flat = _flat(params)
     if any(ADAPTER_KEY in key for key in flat):
         raise ValueError(

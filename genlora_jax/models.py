@@ -154,7 +154,7 @@ def load_gguf(
     reader = _open(path)
     config = llama_config(reader, path)
     if float(config.rope_theta) != 10000.0:
-        _honour_rope_theta()
+        patch_llama_rope()
     with jax.numpy_rank_promotion("allow"):  # the constructor traces transformers' model code
         model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
     params = _params(reader, config, dtype, path)
@@ -305,8 +305,13 @@ def rope_table(num_pos: int, head_dim: int, theta: float) -> np.ndarray:
     return np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1)
 
 
-def _honour_rope_theta() -> None:
-    """Makes every Flax Llama in this process use ``config.rope_theta``. Idempotent."""
+def patch_llama_rope() -> None:
+    """Makes every Flax Llama in this process use ``config.rope_theta``. Idempotent.
+
+    `transformers`' Flax Llama hard-codes θ = 10,000 (SmolLM2 uses 100,000,
+    Llama-3 500,000, Qwen2.5 1,000,000). The replacement rotary module reads θ
+    from the config, so θ = 10,000 models are unchanged.
+    """
     from transformers.models.llama import modeling_flax_llama as flax_llama
 
     if getattr(flax_llama.FlaxLlamaRotaryEmbedding, "_honours_rope_theta", False):
@@ -450,12 +455,14 @@ def gguf_tokenizer(reader: gguf.GGUFReader, path: Path | str = "") -> PreTrained
     ``gpt2`` tokenizer, so the token ids are the same: BPE over the file's
     tokens and merges, GPT-2's byte-level pre-tokenizer (its regex, whatever
     ``tokenizer.ggml.pre`` says: llama.cpp additionally splits digits for
-    SmolLM), the control tokens (type 3) as special tokens, and BOS prepended
-    to every encoded text (``tokenizer.ggml.add_bos_token`` is ignored, as
-    `transformers` does; chat templates add no BOS). Unlike `transformers`,
-    whose GGUF Llama tokenizer sets ``eos_token`` to the BOS token, EOS and
-    padding are the file's ``eos_token_id`` and ``padding_token_id``. Needs
-    neither torch nor ``sentencepiece``.
+    SmolLM), the control tokens (type 3) as special tokens. Two deliberate
+    differences from `transformers`' GGUF tokenizer: BOS is prepended only
+    when ``tokenizer.ggml.add_bos_token`` says so (absent: yes), as llama.cpp
+    does and as the model was trained (SmolLM2's file says no, `transformers`
+    prepends it anyway); and EOS and padding are the file's ``eos_token_id``
+    and ``padding_token_id`` (`transformers` sets ``eos_token`` to the BOS
+    token). Otherwise the ids are identical. Needs neither torch nor
+    ``sentencepiece``.
 
     Args:
         reader: the open file.
@@ -512,7 +519,8 @@ def gguf_tokenizer(reader: gguf.GGUFReader, path: Path | str = "") -> PreTrained
         ]
     )
     bos = token("bos_token_id")
-    if bos is not None:
+    # llama.cpp's rule (and the original tokenizer's): BOS only if the file asks for it
+    if bos is not None and _field(reader, "tokenizer.ggml.add_bos_token", True):
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0",
             pair=f"{bos}:0 $A:0 {bos}:1 $B:1",

@@ -115,7 +115,7 @@ def test_dropout_only_with_rng(key):
 
 
 def test_bad_configs_are_named():
-    with pytest.raises(ValueError, match="rank must be a positive integer"):
+    with pytest.raises(ValueError, match="rank must be an integer ≥ 1, got rank=0"):
         gl.LoRAConfig(rank=0)
     with pytest.raises(ValueError, match="dropout must lie in"):
         gl.LoRAConfig(dropout=1.0)

@@ -15,6 +15,7 @@ from flax import traverse_util
 
 import genlora_jax as gl
 from experiments import data, finetune, generate, presets, scoring
+from genlora_jax import models
 
 RECORDS = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5. The answer is 5."},
@@ -144,10 +145,10 @@ def test_rope_table_matches_transformers_and_the_formula():
     from transformers.models.llama import modeling_flax_llama
 
     np.testing.assert_array_equal(
-        finetune.rope_table(64, 16, 10000.0),
+        models.rope_table(64, 16, 10000.0),
         np.asarray(modeling_flax_llama.create_sinusoidal_positions(64, 16)),
     )
-    table = finetune.rope_table(40, 8, 5e5)
+    table = models.rope_table(40, 8, 5e5)
     pos, i = 37, 3  # frequency index i < d/2, repeated at i + d/2
     angle = pos * 5e5 ** (-2 * i / 8)
     np.testing.assert_allclose(table[pos, 0, [i, i + 4]], math.sin(angle), rtol=1e-6)
@@ -159,7 +160,7 @@ def test_patched_llama_rotary_embedding_uses_rope_theta(key):
     """After the patch, the module every Flax Llama attention builds rotates by θ."""
     from transformers.models.llama import modeling_flax_llama
 
-    finetune.patch_llama_rope()
+    models.patch_llama_rope()
     config = tiny_llama_config(rope_theta=5e5)  # head_dim 16
     x = jax.random.normal(key, (1, 5, 4, 16))  # (batch, positions, heads, head_dim)
     positions = jnp.arange(5)[None]

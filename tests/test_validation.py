@@ -257,7 +257,9 @@ def test_wrap_refuses_a_config_class_and_an_integer_key(base):
         gl.wrap(base, ["q_proj"], gl.GenLoRAConfig)
     with pytest.raises(TypeError, match=r"rng must be a PRNG key .* jax.random.key\(seed\)"):
         gl.wrap(base, ["q_proj"], LORA, rng=0)
-    gl.wrap(base, ["q_proj"], LORA, rng=jax.random.PRNGKey(0))  # raw uint32 keys still work
+    params = gl.wrap(base, ["q_proj"], LORA, rng=jax.random.PRNGKey(0))  # raw keys still work
+    with pytest.raises(TypeError, match=r"adapter_rng must be a PRNG key"):
+        gl.apply(Tiny(), params, X, adapter_rng=3)
 
 
 @pytest.mark.parametrize(
