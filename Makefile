@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine (Python >= 3.10 and make):
-#   make train   the main job: LoRA r8 vs GenLoRA r8 and r32 on SST-2 with the real MiniLM-L6
+#   make train      the main job: LoRA r8 vs GenLoRA r8 and r32 on SST-2 with the real MiniLM-L6
+#   make train-llm  the LLM job: SmolLM2-135M on ARC-Easy, zero-shot vs LoRA r8 vs GenLoRA r8
 #   make test    lint + the test suite (slow end-to-end runs excluded)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install install-test train test test-all bench lint
+.PHONY: install install-test train train-llm test test-all bench lint
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -32,6 +33,9 @@ install-test: $(BIN)/.installed-test
 
 train: install
 	$(BIN)/python -m experiments.classify $(ARGS)
+
+train-llm: install
+	$(BIN)/python -m experiments.llm $(ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .

