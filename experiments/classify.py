@@ -55,14 +55,14 @@ from experiments.cli import count, positive_float, positive_int
 from experiments.generate import inference_params
 from experiments.train import NonFiniteLoss, TrainConfig, train
 
-# Rank 8 for every baseline, MELoRA with 4 minis (the paper's settings);
-# adapter dropout 0.05 everywhere.
+# Rank 8 for every baseline, MELoRA with 4 minis of rank 8 (the paper's settings);
+# adapter dropout 0.05 everywhere but HiRA.
 METHODS: dict[str, gl.AdapterConfig] = {
     "lora": gl.LoRAConfig(rank=8, dropout=0.05),
     "genlora": gl.GenLoRAConfig(rank=8, groups=16, dropout=0.05),
     "genlora-r32": gl.GenLoRAConfig(rank=32, groups=16, dropout=0.05),
     "dora": gl.DoRAConfig(rank=8, dropout=0.05),
-    "hira": gl.HiRAConfig(rank=8, dropout=0.05),
+    "hira": gl.HiRAConfig(rank=8),  # no dropout: HiRA's original forward has none
     "melora": gl.MELoRAConfig(rank=8, mini=4, dropout=0.05),
     "aurora": gl.AuroRAConfig(rank=8, dropout=0.05),
     "loran": gl.LoRANConfig(rank=8, dropout=0.05),

@@ -60,7 +60,7 @@ from experiments.classify import select_lr
 from experiments.cli import count, positive_float, positive_int
 from experiments.finetune import causal_lm_loss
 from experiments.generate import evaluate_tasks
-from experiments.presets import ATTENTION_TARGETS, METHODS
+from experiments.presets import ATTENTION_TARGETS, METHODS, adapter_dropout
 from experiments.train import NonFiniteLoss, TrainConfig, train
 from genlora_jax.models import load_gguf
 
@@ -77,10 +77,11 @@ BUCKET = 32
 """Training batches are cut to a multiple of this many tokens (`data.trim_padding`)."""
 
 
-def adapter_config(method: str, dropout: float = 0.05) -> gl.AdapterConfig:
-    """The `genlora_jax` config of a method name of `experiments.presets.METHODS`."""
+def adapter_config(method: str) -> gl.AdapterConfig:
+    """The `genlora_jax` config of a method name of `experiments.presets.METHODS`,
+    with the presets' adapter dropout."""
     class_name, kwargs = METHODS[method]
-    return getattr(gl, class_name)(**kwargs, dropout=dropout)
+    return getattr(gl, class_name)(**kwargs, dropout=adapter_dropout(class_name))
 
 
 def load_records(data_root: Path, task: str, split: str) -> list[dict]:
@@ -181,7 +182,12 @@ def run_one(method, lr, seed, args, model, base, tokenizer, splits, evaluate_val
         log_every=max(1, args.steps // 20),
         checkpoint_every=args.checkpoint_every,
     )
-    out = Path(args.out) / f"{args.task}-{method}-lr{lr:g}-seed{seed}-steps{args.steps}"
+    # every setting that changes the training in the name: a rerun with other
+    # settings never resumes (or appends to) this run's checkpoints and metrics
+    out = Path(args.out) / (
+        f"{args.task}-{method}-lr{lr:g}-seed{seed}-steps{args.steps}-b{args.batch_size}"
+        f"-n{len(train_records)}-{args.train_format}-c{args.cutoff}-{args.dtype}"
+    )
     row: dict[str, Any] = {
         "task": args.task,
         "method": method,
@@ -345,7 +351,22 @@ def main(argv=None) -> dict:
                 method, lr, first, args, model, base, tokenizer, splits, evaluate_val
             )
             sweep.append(record({**row, "stage": "sweep"}) if len(grid) > 1 else row)
-        best = select_lr(sweep)
+        try:
+            best = select_lr(sweep)
+        except ValueError as err:  # every rate diverged: say so and go on
+            print(f"{method}: {err}")
+            if len(grid) == 1:
+                record({**sweep[0], "stage": "test"})
+            table.append(
+                {
+                    "method": method,
+                    "trainable": sweep[0]["trainable"],
+                    "seeds": [],
+                    "diverged": [f"lr {r['lr']:g} seed {first}" for r in sweep],
+                    "eval_seconds": 0.0,
+                }
+            )
+            continue
         runs = [record({**test_row(best, trees.pop(best["lr"]), *evaluation), "stage": "test"})]
         trees.clear()
         for seed in rest:
@@ -390,6 +411,9 @@ def format_table(summary: Mapping) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in summary["rows"]:
+        if not r["seeds"] and r.get("diverged"):
+            lines.append(f"| {r['method']} | {r['trainable']:,} | diverged: {r['diverged']} |")
+            continue
         lr = f"{r['lr']:g}" if "lr" in r else ""
         train_s = f"{r['train_seconds']:.0f}" if "train_seconds" in r else ""
         lines.append(

@@ -19,9 +19,9 @@ Choices where the paper is silent, written down here:
   on commonsense, since the paper tunes GenLoRA's rates for GenLoRA only.
 - Every method trains one epoch (the paper's GenLoRA setting; LLM-Adapters
   itself trained three), batch 16 as 4 micro-batches of 4, cut-off 256,
-  adapter dropout 0.05, α = 2r (LLM-Adapters' r=8/α=16), warm-up 100 steps,
-  linear decay, no weight decay, loss on prompt and output
-  (``train_on_inputs``).
+  adapter dropout 0.05 (HiRA: 0, as its original forward), α = 2r
+  (LLM-Adapters' r=8/α=16), warm-up 100 steps, linear decay, no weight
+  decay, loss on prompt and output (``train_on_inputs``).
 - Decoding: beam search with 4 beams, 256 new tokens on math and 32 on
   commonsense.
 
@@ -351,6 +351,11 @@ def _is_baseline(config_class: str) -> bool:
     return config_class != "GenLoRAConfig"
 
 
+def adapter_dropout(config_class: str) -> float:
+    """0.05 (LLM-Adapters), except HiRA's 0: its original forward has no dropout."""
+    return 0.0 if config_class == "HiRAConfig" else 0.05
+
+
 def build_presets() -> dict[str, Preset]:
     """The registry: every model × family × method, plus the tiny wiring check."""
     presets = {}
@@ -366,7 +371,7 @@ def build_presets() -> dict[str, Preset]:
             eval_tasks=family.tasks,
             method=method,
             config_class=cls,
-            adapter=MappingProxyType({**kwargs, "dropout": 0.05}),
+            adapter=MappingProxyType({**kwargs, "dropout": adapter_dropout(cls)}),
             lr=family.baseline_lr if _is_baseline(cls) else family.lr,
             max_new_tokens=family.max_new_tokens,
         )
@@ -383,7 +388,7 @@ def build_presets() -> dict[str, Preset]:
             eval_tasks=family.tasks,
             method=method,
             config_class=cls,
-            adapter=MappingProxyType({**kwargs, "dropout": 0.05}),
+            adapter=MappingProxyType({**kwargs, "dropout": adapter_dropout(cls)}),
             lr=family.baseline_lr if _is_baseline(cls) else family.lr,
             batch_size=8,
             micro_batch_size=8,

@@ -120,8 +120,10 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation):
         loss, grads = jax.value_and_grad(adapter_loss)(adapters)
         updates, new_state = tx.update(grads, opt_state, adapters)
         new_adapters = optax.apply_updates(adapters, updates)
-        # a non-finite loss, gradient or update is never applied: the old state comes back
-        finite = jnp.isfinite(loss) & _all_finite((grads, new_adapters, new_state))
+        # a non-finite loss or update is never applied: the old state comes back (a NaN
+        # gradient of a trainable leaf reaches the optimizer state or the update;
+        # frozen leaves' gradients are dropped by the optimizer and not checked)
+        finite = jnp.isfinite(loss) & _all_finite((new_adapters, new_state))
         keep = functools.partial(jnp.where, finite)
         return (
             jax.tree.map(keep, new_adapters, adapters),
@@ -196,7 +198,8 @@ def train(
         saved = ckpt.restore_latest(params, opt_state=tx.init(adapters))
         state = TrainState(gl.split(saved.params)[1], saved.opt_state, saved.step, saved.rng)
         print(f"resumed from {checkpoint_dir} at step {saved.step}")
-    if state is None:
+    fresh = state is None
+    if fresh:
         state = TrainState(adapters, tx.init(adapters), 0, jax.random.key(cfg.seed))
 
     def save(state: TrainState) -> None:
@@ -212,7 +215,8 @@ def train(
     out = Path(out_dir) if out_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    log = (out / "metrics.jsonl").open("a") if out else None
+    # a fresh run starts its metrics anew; a resumed one appends to them
+    log = (out / "metrics.jsonl").open("w" if fresh else "a") if out else None
     micro_steps = cfg.steps * cfg.grad_accum
     bar = tqdm(total=micro_steps, initial=state.step, desc=desc, dynamic_ncols=True)
     losses, start, examples = [], time.perf_counter(), 0

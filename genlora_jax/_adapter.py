@@ -32,7 +32,7 @@ class AdapterConfig(abc.ABC):
     """Hyper-parameters shared by every adapter method.
 
     Attributes:
-        rank: r, the rank of the update (for MELoRA, the total rank).
+        rank: r, the rank of the update (for MELoRA, of each mini-LoRA).
         alpha: α in the scale α/r (or α/√r with ``rslora``). ``None`` means
             α = 2r, LLM-Adapters' r=8/α=16 convention, so the scale is 2.
         rslora: use the rank-stabilised scale α/√r (Kalajdzievski 2023).

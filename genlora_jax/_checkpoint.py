@@ -363,8 +363,10 @@ class AdapterCheckpointer:
         """`restore` of the newest step that reads, skipping corrupted ones.
 
         A step that fails to read (`CorruptCheckpointError`) is reported with
-        a warning and the previous step is tried; a checkpoint that does not
-        fit ``params`` is an error, as in `restore`.
+        a warning and the previous step is tried; once one restores, the
+        unreadable newer steps are renamed ``<step>.corrupt`` so that the
+        resumed run can save its steps again. A checkpoint that does not fit
+        ``params`` is an error, as in `restore`.
 
         Raises:
             FileNotFoundError: no step on disk.
@@ -373,15 +375,33 @@ class AdapterCheckpointer:
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoint step in {self.directory}.")
+        skipped = []
         for step in reversed(steps):
             try:
-                return self.restore(params, opt_state=opt_state, step=step)
+                restored = self.restore(params, opt_state=opt_state, step=step)
             except CorruptCheckpointError as err:
                 warnings.warn(f"skipping step {step}: {err}", stacklevel=2)
+                skipped.append(step)
+                continue
+            self._set_aside(skipped)
+            return restored
         raise CorruptCheckpointError(
             f"every checkpoint step in {self.directory} is corrupted ({steps}); start a fresh "
             "run in a new directory."
         )
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable steps to ``<step>.corrupt`` (kept for inspection), so
+        the run resumed from an older step can save those step numbers again."""
+        for step in steps:
+            source = os.path.join(self.directory, str(step))
+            target, n = f"{source}.corrupt", 1
+            while os.path.exists(target):
+                target, n = f"{source}.corrupt{n}", n + 1
+            os.rename(source, target)
+            warnings.warn(f"moved the unreadable step {step} to {target}", stacklevel=3)
+        if steps:
+            self._manager.reload()
 
     def restore(
         self, params: Mapping, *, opt_state: Any = None, step: int | None = None

@@ -75,8 +75,7 @@ def install() -> None:
     stack = getattr(nn.module, "_global_interceptor_stack", None)
     if stack is None or len(stack):
         return
-    # Entered and never exited; the reference keeps the generator (whose
-    # `finally` would pop the guard) alive as long as the thread.
-    _STATE.context = nn.intercept_methods(_guard)
-    _STATE.context.__enter__()
+    # Pushed for good (not through the `intercept_methods` context, whose exit
+    # would pop it again when the thread's state is collected).
+    stack.push(_guard)
     _STATE.installed = True

@@ -10,6 +10,11 @@ setting ``alpha`` or ``rslora`` is an error. A and B are initialised as LoRA's
 (A Kaiming-uniform, B = 0), so ΔW = 0 at step 0. Trainable per (m × n)
 projection: r·(m + n), as LoRA. The forward forms ΔW (m × n) once per call,
 which LoRA never does: its cost grows with m·n·r, not with the token count.
+
+Dropout: HiRA's official forward applies neither dropout nor a scale to the
+ΔW x branch, so neither does this one by default (``dropout`` must stay 0);
+``dropout_on_update=True`` is a named departure that drops the input of that
+branch as LoRA does.
 """
 
 from __future__ import annotations
@@ -26,12 +31,25 @@ from genlora_jax._lora import LoRAConfig
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HiRAConfig(AdapterConfig):
-    """HiRA: A (r, n), B (m, r) with LoRA's init; ΔW = W0 ⊙ (B A), no scale."""
+    """HiRA: A (r, n), B (m, r) with LoRA's init; ΔW = W0 ⊙ (B A), no scale.
+
+    Attributes:
+        dropout_on_update: apply ``dropout`` to the input of the ΔW x branch
+            (not in the original HiRA, whose forward has no dropout there).
+    """
 
     method: ClassVar[str] = "hira"
 
+    dropout_on_update: bool = False
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dropout and not self.dropout_on_update:
+            raise ValueError(
+                f"HiRA's original forward has no dropout on its update, got "
+                f"dropout={self.dropout}; leave dropout=0, or pass dropout_on_update=True to "
+                "drop the input of the ΔW x branch anyway (a departure from HiRA)."
+            )
         if self.alpha is not None or self.rslora:
             raise ValueError(
                 f"HiRA has no α/r scale (ΔW = W0 ⊙ BA), got alpha={self.alpha}, "

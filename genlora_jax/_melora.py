@@ -2,14 +2,20 @@
 
 "MELoRA: Mini-Ensemble Low-Rank Adapters for Parameter-Efficient Fine-Tuning",
 ACL 2024, arXiv 2402.17263. The input x (n) and output (m) are cut into k
-equal chunks; mini-LoRA i maps input chunk i to output chunk i with rank r_m:
+equal chunks; mini-LoRA i maps input chunk i to output chunk i with rank r:
 
-    ΔW = blockdiag(s · B_1 A_1, …, s · B_k A_k),   B_i (m/k, r_m), A_i (r_m, n/k),
+    ΔW = blockdiag(s · B_1 A_1, …, s · B_k A_k),   B_i (m/k, r), A_i (r, n/k),
 
-a rank-(k·r_m) update with r_m·(m + n) parameters (LoRA at rank k·r_m has k
-times more). ``rank`` is the total rank k·r_m and s = α/rank, so the scale
-means what it means for LoRA at the same rank. Each mini is initialised as a
-LoRA of its chunk (A_i Kaiming-uniform with fan-in n/k, B_i = 0).
+a rank-(k·r) update with k · r · (m/k + n/k) = r·(m + n) parameters: LoRA's
+count at rank r, with k times LoRA's rank. ``rank`` is each mini's rank r, as
+MELoRA's own code counts it and as the GenLoRA paper's tables do (MELoRA
+"r = 8" with 4 minis trains LoRA r = 8's 4.72M on LLaMA-3-8B), and
+s = α / r, MELoRA's scale. Each mini is initialised as a LoRA of its chunk
+(A_i Kaiming-uniform with fan-in n/k, B_i = 0).
+
+Earlier versions of this library took ``rank`` as the total rank k·r (a quarter of the
+paper's budget at k = 4); checkpoints of that convention are refused on
+restore (their arrays have other shapes).
 """
 
 from __future__ import annotations
@@ -34,9 +40,14 @@ from genlora_jax._adapter import (
 class MELoRAConfig(AdapterConfig):
     """MELoRA hyper-parameters (paper setting: rank 8 with 4 minis).
 
+    ``MELoRAConfig(rank=8, mini=4)``: 4 mini-LoRAs of rank 8 each, a rank-32
+    ΔW with LoRA r=8's parameter count r·(m + n) (4,718,592 on LLaMA-3-8B's
+    q/k/v), scale α/8.
+
     Attributes:
-        mini: k, the number of mini-LoRAs; must divide ``rank`` and both m
-            and n of every targeted projection. Each mini has rank rank / k.
+        rank: r, the rank of *each* mini-LoRA (the update's rank is mini · r).
+        mini: k, the number of mini-LoRAs; must divide both m and n of every
+            targeted projection.
     """
 
     method: ClassVar[str] = "melora"
@@ -46,22 +57,22 @@ class MELoRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self, "mini", minimum=1)
-        if self.rank % self.mini:
-            raise ValueError(
-                f"mini={self.mini} must be a positive divisor of rank={self.rank} (the total "
-                "rank is mini · per-mini rank); e.g. rank=8, mini=4 gives 4 minis of rank 2."
-            )
+
+    @property
+    def total_rank(self) -> int:
+        """The rank of ΔW: mini · rank."""
+        return self.mini * self.rank
 
     def init(self, rng, *, m, n, kernel_transposed, path):
         k = self.mini
         if m % k or n % k:
-            fits = [d for d in range(1, 65) if m % d == 0 and n % d == 0 and self.rank % d == 0]
+            fits = [d for d in range(1, 65) if m % d == 0 and n % d == 0]
             raise ValueError(
                 f"{path}: mini={k} does not divide both its out size m={m} and in size n={n}. "
                 f"Choose mini from {fits}, or give this module its own mini via "
                 "overrides={pattern: {'mini': k}}."
             )
-        r_mini = self.rank // k
+        r_mini = self.rank
         return MELoRAParams(
             config=self,
             kernel_transposed=kernel_transposed,

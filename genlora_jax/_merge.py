@@ -23,8 +23,7 @@ from genlora_jax._wrap import ADAPTER_KEY, Params, path_str
 
 # Digest of a merged kernel → digests of the adapters merged into it (newest last).
 _MERGED: collections.OrderedDict[bytes, set[bytes]] = collections.OrderedDict()
-_MAX_RECORDS = 4096
-_SAMPLE = 4096
+_MAX_RECORDS = 1 << 16
 
 
 def _w0(kernel, adapter: Adapter):
@@ -58,14 +57,29 @@ def _digest(*arrays) -> bytes:
 
 
 def _kernel_digest(path: tuple, kernel) -> bytes:
-    """Digest of a kernel's path, shape and ~4k evenly strided values."""
-    flat = jnp.ravel(kernel)
-    sample = flat[:: max(1, flat.size // _SAMPLE)]
-    return _digest(np.frombuffer("/".join(map(str, path)).encode(), np.uint8), sample)
+    """Digest of a kernel's path, shape, dtype and two random projections uᵀ K v
+    of all its values (computed where the kernel lives; any edit moves them)."""
+    k = jnp.asarray(kernel, jnp.float32).reshape(-1, kernel.shape[-1])
+    keys = jax.random.split(jax.random.key(0), 4)
+    rows = [jax.random.normal(key, (k.shape[0],)) for key in keys[:2]]
+    cols = [jax.random.normal(key, (k.shape[1],)) for key in keys[2:]]
+    projections = jnp.stack([u @ (k @ v) for u, v in zip(rows, cols, strict=True)])
+    tag = np.frombuffer(f"{'/'.join(map(str, path))}|{kernel.dtype}".encode(), np.uint8)
+    return _digest(tag, projections)
 
 
 def _adapter_digest(adapter: Adapter) -> bytes:
-    return _digest(*jax.tree.leaves(adapter))
+    """Digest of the adapter's arrays and its static part (class, config, orientation)."""
+    structure = np.frombuffer(str(jax.tree.structure(adapter)).encode(), np.uint8)
+    return _digest(structure, *jax.tree.leaves(adapter))
+
+
+def _recordable(*trees) -> bool:
+    """Concrete arrays that this process can read (not tracers, not multi-host shards)."""
+    return all(
+        not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+        for x in jax.tree.leaves(trees)
+    )
 
 
 def _record(kernel: bytes, adapter: bytes) -> None:
@@ -106,7 +120,7 @@ def merge(params: Mapping) -> Params:
         kernel = flat[kpath]
         merged = _per_layer(lambda a, w: a.merged_weight(w), kernel)(adapter, _w0(kernel, adapter))
         out[kpath] = _kernel(merged, adapter, kernel.dtype)
-        if _concrete(out[kpath], adapter):
+        if _recordable(out[kpath], adapter):
             _record(_kernel_digest(kpath, out[kpath]), _adapter_digest(adapter))
     return traverse_util.unflatten_dict(out)
 
@@ -123,9 +137,10 @@ def _verify(kpath: tuple, kernel, adapter: Adapter) -> None:
     if record is None:
         raise ValueError(
             f"{where}: this kernel is not one that genlora_jax.merge produced in this process "
-            "(never merged, changed since, or merged elsewhere); unmerging it would shift W0 by "
-            "-ΔW. Unmerge the tree that merge returned, with the adapters it merged; if it was "
-            "merged in another process and you are sure, pass verify=False."
+            "(never merged, changed since, merged under jax.jit, or merged elsewhere); "
+            "unmerging it would shift W0 by -ΔW. Unmerge the tree that merge returned, with "
+            "the adapters it merged; if it was merged under jit or in another process and you "
+            "are sure, pass verify=False."
         )
     if _adapter_digest(adapter) not in record:
         raise ValueError(

@@ -17,6 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The tolerances below assume float32 arithmetic; on GPUs JAX's default matmul
+# precision may be TF32 (about 1e-3 relative), so ask for full float32.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def pytest_configure(config):
     config.addinivalue_line(

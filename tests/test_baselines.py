@@ -326,7 +326,8 @@ LLAMA3_COUNTS = {
     "dora": (gl.DoRAConfig(rank=8), _lora_count(8) + 32 * (4096 + 1024 + 1024)),
     "hira": (gl.HiRAConfig(rank=8), _lora_count(8)),
     "loran": (gl.LoRANConfig(rank=8), _lora_count(8)),
-    "melora": (gl.MELoRAConfig(rank=8, mini=4), _lora_count(2)),
+    # 4 minis of rank 8: LoRA r=8's count (the paper's tables), rank 32
+    "melora": (gl.MELoRAConfig(rank=8, mini=4), _lora_count(8)),
     "aurora": (gl.AuroRAConfig(rank=8), _lora_count(8) + 96 * (8 * 8 + 8 * (5 + 3))),
     "genlora": (gl.GenLoRAConfig(rank=8, groups=16), _genlora_count(8, 16)),
     "genlora-no-norm": (
@@ -376,14 +377,17 @@ def test_llama3_8b_counts(llama3_8b_shapes):
 
 
 def test_bad_configs_are_named(key):
-    with pytest.raises(ValueError, match="mini=3 must be a positive divisor of rank=8"):
-        gl.MELoRAConfig(rank=8, mini=3)
+    with pytest.raises(ValueError, match="mini must be an integer ≥ 1"):
+        gl.MELoRAConfig(rank=8, mini=0)
     with pytest.raises(
         ValueError, match=r"layer/v: mini=4 does not divide both its out size m=6 and in size"
     ):
         gl.wrap({"layer": {"v": {"kernel": jnp.ones((32, 6))}}}, ["v"], gl.MELoRAConfig())
     with pytest.raises(ValueError, match="HiRA has no α/r scale"):
         gl.HiRAConfig(alpha=16.0)
+    with pytest.raises(ValueError, match="HiRA's original forward has no dropout on its update"):
+        gl.HiRAConfig(dropout=0.05)
+    assert gl.HiRAConfig(dropout=0.05, dropout_on_update=True).dropout == 0.05
     with pytest.raises(ValueError, match="need grid_size ≥ 1"):
         gl.AuroRAConfig(grid=(1.0, -1.0))
     aurora = _init(BASELINES["aurora"], key)

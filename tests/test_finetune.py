@@ -80,7 +80,7 @@ def test_smollm2_presets_cover_arc_and_math_with_their_scoring():
     assert (math_.scoring, math_.train_format, math_.num_beams) == ("generate", "llm-adapters", 1)
     for name in names:
         config = presets.PRESETS[name].adapter_config()
-        assert config.dropout == 0.05
+        assert config.dropout == (0.0 if isinstance(config, gl.HiRAConfig) else 0.05)
 
 
 @pytest.mark.lenient
@@ -126,7 +126,7 @@ def test_registry_names_parse_and_settings_follow_the_paper():
         assert (preset.cutoff_len, preset.num_beams, preset.warmup_steps) == (256, 4, 100)
         assert preset.targets == tuple(TARGETS)
         config = preset.adapter_config()
-        assert config.dropout == 0.05
+        assert config.dropout == (0.0 if isinstance(config, gl.HiRAConfig) else 0.05)
         assert config.rank == preset.adapter["rank"]
     with pytest.raises(ValueError, match="not '\\{model\\}-\\{family\\}-\\{method\\}'"):
         presets.parse_name("llama3-8b-math-nosuchmethod")

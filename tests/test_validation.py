@@ -116,6 +116,12 @@ def test_unmerge_recovers_only_what_merge_made(base, wrapped, key):
         gl.unmerge(bad, adapters)
     with pytest.raises(ValueError, match=r"cannot check under jax.jit"):
         jax.jit(gl.unmerge)(merged, adapters)
+    double = jax.tree.map(lambda x: x, adapters)  # the same arrays under another α
+    double["q_proj"][gl.ADAPTER_KEY] = double["q_proj"][gl.ADAPTER_KEY].replace(
+        config=gl.LoRAConfig(rank=2, alpha=8.0)
+    )
+    with pytest.raises(ValueError, match=r"q_proj: this kernel was merged with other adapters"):
+        gl.unmerge(merged, double)
     gl.unmerge(bad, adapters, verify=False)  # the caller vouches
 
 
@@ -199,10 +205,13 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, wrap
     ckpt = tmp_path / "ckpt"
     straight = train(wrapped, _loss, _batches, cfg)
     train(wrapped, _loss, _batches, TrainConfig(**{**vars(cfg), "steps": 2}), checkpoint_dir=ckpt)
-    (tmp_path / "ckpt" / "3").mkdir()  # a stray step-like folder, newer than step 2
-    with pytest.warns(UserWarning, match=r"skipping step 3: .* no readable metadata"):
+    (tmp_path / "ckpt" / "4").mkdir()  # a stray step-like folder, newer than step 2
+    with pytest.warns(UserWarning, match=r"skipping step 4: .* no readable metadata"):
         resumed = train(wrapped, _loss, _batches, cfg, checkpoint_dir=ckpt)
     assert resumed.step == 4
+    # the unreadable step was set aside, so the resumed run could save step 4 again
+    assert (tmp_path / "ckpt" / "4.corrupt").is_dir()
+    assert gl.AdapterCheckpointer(ckpt).all_steps() == [2, 4]
     for a, b in zip(
         jax.tree.leaves(straight.adapters), jax.tree.leaves(resumed.adapters), strict=True
     ):
@@ -399,11 +408,15 @@ def test_the_guard_stays_out_of_other_interceptor_contexts():
         "    nn.Dense(4, name='q').apply({'params': p['q']}, jnp.ones((1, 4)))\n"
         "except gl.AdapterNotAppliedError:\n"
         "    print('guarded')\n"
+        "import threading\n"  # a thread that wraps, then ends: its guard goes quietly
+        "t = threading.Thread(target=lambda: gl.wrap(base, ['q'], gl.LoRAConfig(rank=1)))\n"
+        "t.start(); t.join()\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "guarded", out.stderr
+    assert "Exception ignored" not in out.stderr, out.stderr
 
 
 def test_model_call_stays_free_without_adapters(base):
