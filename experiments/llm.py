@@ -60,19 +60,27 @@ from experiments.classify import select_lr
 from experiments.cli import count, positive_float, positive_int
 from experiments.finetune import causal_lm_loss
 from experiments.generate import evaluate_tasks
-from experiments.presets import ATTENTION_TARGETS, METHODS, adapter_dropout
+from experiments.presets import (
+    ATTENTION_TARGETS,
+    METHODS,
+    PRESETS,
+    SMOLLM2,
+    SMOLLM2_METHODS,
+    adapter_dropout,
+)
 from experiments.train import NonFiniteLoss, TrainConfig, train
 from genlora_jax.models import load_gguf
 
 DEFAULT_METHODS = ["lora-r8", "genlora-r8g16"]
-LEARNING_RATES: Mapping[str, float] = {
-    "lora-r8": 1e-3,
-    "genlora-r8g16": 1e-3,
-    "genlora-r32g16": 1e-3,
-}
-"""Rate per method when ``--lr`` is not given (see README for the sweep that chose it);
-methods not listed use `DEFAULT_LR`."""
-DEFAULT_LR = 1e-3
+
+
+def default_lr(method: str, task: str) -> float:
+    """The rate of the SmolLM2 preset for ``task`` (ARC-Challenge's for
+    ARC-Challenge, else ARC-Easy's) and ``method``, when ``--lr`` is not given."""
+    family = "arc-challenge" if task == "ARC-Challenge" else "arc-easy"
+    return PRESETS[f"{SMOLLM2}-{family}-{method}"].lr
+
+
 BUCKET = 32
 """Training batches are cut to a multiple of this many tokens (`data.trim_padding`)."""
 
@@ -154,13 +162,27 @@ def evaluate(model, params, tokenizer, records, task: str, scoring_mode: str) ->
     if scoring_mode in ("generate", "both"):
         start = time.perf_counter()
         key = scoring.canonical_task(task)
+        replies: dict[str, list[str]] = {}
         acc = evaluate_tasks(
-            model, params, tokenizer, {key: records}, max_new_tokens=32, num_beams=1
+            model,
+            params,
+            tokenizer,
+            {key: records},
+            max_new_tokens=32,
+            num_beams=1,
+            batch_size=16,
+            responses=replies,
         )[key]
+        seconds = time.perf_counter() - start
+        # tokens of the answers as scored (after "### Response:"), EOS excluded
+        generated = sum(
+            len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies[key]
+        )
         out.update(
             protocol_acc=acc,
             protocol_acc_se=math.sqrt(acc * (1 - acc) / len(records)),
-            generate_seconds=round(time.perf_counter() - start, 1),
+            generate_seconds=round(seconds, 1),
+            generated_tokens_per_s=round(generated / seconds, 1),
         )
     return out
 
@@ -266,7 +288,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--task", default="ARC-Easy", help="commonsense task with train.json and test.json"
     )
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=DEFAULT_METHODS, choices=list(SMOLLM2_METHODS)
+    )
     parser.add_argument("--data", default=None, help="data root (default: $GENLORA_DATA)")
     parser.add_argument("--train-examples", type=count, default=800, help="0 = all the rest")
     parser.add_argument(
@@ -336,7 +360,7 @@ def main(argv=None) -> dict:
         record({"task": args.task, "method": "zero-shot", "trainable": 0, **zero})
         table.append({"method": "zero-shot", "trainable": 0, "seeds": [], **zero})
     for method in args.methods:
-        grid = args.lr or [LEARNING_RATES.get(method, DEFAULT_LR)]
+        grid = args.lr or [default_lr(method, args.task)]
         evaluate_val = None
         if len(grid) > 1:
 

@@ -20,7 +20,10 @@ at step 0. Trainable per (m × n) projection: r·(m + n) + r² + r·C.
 
 The nonlinearity acts on activations, so there is no weight update ΔW and
 the adapter cannot be merged (``mergeable = False``): serve it through
-`genlora_jax.apply`.
+`genlora_jax.apply`. AuroRA's paper merges *approximately*, folding
+B · ANL(A) into W0 as if the nonlinearity acted on A's weights rather than on
+A x; that changes the model's outputs, so `merge` refuses rather than return
+a different model under the same name (exact inference is the interceptor).
 """
 
 from __future__ import annotations

@@ -40,8 +40,11 @@ class GenLoRAConfig(AdapterConfig):
         base_activation: the w_b branch, a key of `genlora_jax.ACTIVATIONS`.
         freeze_z_a: keep the latent z_A at its initial value (ablation).
         freeze_z_b: keep the latent z_B at its initial value (ablation). With
-            normalisation on, a frozen all-zero z_B makes B a constant basis
-            shared by every generator, which is the paper's collapse.
+            normalisation on, a frozen all-zero z_B normalises to zeros in
+            every group, so every feature is the same constant and basis
+            vector i is constant *within each group* (its value in group g is
+            θ_B[i, g] · [SiLU(0), φ_1(0), …, φ_K(0)]): B has at most G distinct
+            rows-blocks and rank(B) ≤ min(r, G). This is the paper's collapse.
 
     Initialisation (ΔW = 0 at step 0): z_A Kaiming-uniform U(±1/√n), θ_A normal
     scaled by 1/√(n/G) independently per generator, z_B = 0, θ_B = 0.
