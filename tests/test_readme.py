@@ -6,13 +6,18 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.lenient
-def test_quick_start_runs():
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Quick start", 1)[1]
+def _run_block(heading: str) -> dict:
+    """Executes the first python block after ``heading``; returns its namespace."""
+    section = (REPO / "README.md").read_text().split(heading, 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.lenient
+def test_quick_start_runs():
+    namespace = _run_block("## Quick start")
     assert namespace["loss"].shape == ()
     assert "classifier" in namespace["merged"]
 
@@ -20,11 +25,7 @@ def test_quick_start_runs():
 @pytest.mark.lenient
 def test_gguf_fine_tuning_block_runs():
     """The README's GGUF block: SmolLM2 from its package, one GenLoRA step, a merge."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Fine-tuning any llama GGUF file", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    namespace = _run_block("## Fine-tuning any llama GGUF file")
     assert namespace["loss"].shape == () and 0.0 < float(namespace["loss"]) < 20.0
     assert namespace["merged"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].shape == (
         576,
