@@ -51,7 +51,7 @@ import optax
 
 import genlora_jax as gl
 from experiments import data as data_lib
-from experiments.cli import count, positive_float, positive_int
+from experiments.cli import count, positive_float, positive_int, results_recorder
 from experiments.generate import inference_params
 from experiments.train import NonFiniteLoss, TrainConfig, train
 
@@ -409,12 +409,7 @@ def main(argv=None) -> dict:
     jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
     evaluate = Evaluator(model)
 
-    def record(row: dict) -> dict:
-        row = {**row, "command": command}
-        print(json.dumps(row))
-        with (out / "results.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
+    record = results_recorder(out, command)
 
     table = []
     for name in args.methods:

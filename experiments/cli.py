@@ -1,4 +1,4 @@
-"""Argument types shared by the command-line entry points.
+"""Argument types and result rows shared by the command-line entry points.
 
 Each converter rejects a bad number while the arguments are parsed, so a
 command with ``--lr -1`` or ``--batch-size 0`` stops with argparse's usage
@@ -8,7 +8,10 @@ line and one message naming the flag, before anything loads.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 
 def _number(text: str, kind: type) -> int | float:
@@ -45,3 +48,17 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
     return value
+
+
+def results_recorder(out: Path, command: str) -> Callable[[dict], dict]:
+    """``record(row)``: adds ``command`` to the row, prints it and appends it to
+    ``out/results.jsonl`` at once (an interrupted job keeps what finished)."""
+
+    def record(row: dict) -> dict:
+        row = {**row, "command": command}
+        print(json.dumps(row))
+        with (out / "results.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    return record

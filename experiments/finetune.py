@@ -416,18 +416,18 @@ def micro_batches(examples: Sequence, preset: Preset, pad_id: int, seed: int):
     return batch
 
 
-def training_examples(records, tokenizer, preset: Preset, train_format: str) -> list[dict]:
-    """Tokenised training examples in ``train_format`` (``llm-adapters`` or ``option``)."""
+def training_examples(
+    records, tokenizer, train_format: str, cutoff_len: int, train_on_inputs: bool = True
+) -> list[dict]:
+    """Tokenised training examples in ``train_format``: ``llm-adapters`` (Alpaca
+    prompt + output, `data.tokenize_for_causal_lm`) or ``option`` (question +
+    the correct option, loss on the answer, `choice.option_example`)."""
+    records = tqdm(records, desc="tokenize", dynamic_ncols=True)
     if train_format == "option":
-        return [
-            choice.option_example(r, tokenizer, preset.cutoff_len)
-            for r in tqdm(records, desc="tokenize", dynamic_ncols=True)
-        ]
+        return [choice.option_example(r, tokenizer, cutoff_len) for r in records]
     return [
-        data_lib.tokenize_for_causal_lm(
-            record, tokenizer, preset.cutoff_len, train_on_inputs=preset.train_on_inputs
-        )
-        for record in tqdm(records, desc="tokenize", dynamic_ncols=True)
+        data_lib.tokenize_for_causal_lm(r, tokenizer, cutoff_len, train_on_inputs=train_on_inputs)
+        for r in records
     ]
 
 
@@ -551,7 +551,9 @@ def main(argv=None) -> dict[str, Any]:
     print(f"{preset.name}: {count.trainable:,} trainable, {count.frozen:,} frozen parameters")
 
     train_format = args.train_format or preset.train_format
-    examples = training_examples(train_set, tokenizer, preset, train_format)
+    examples = training_examples(
+        train_set, tokenizer, train_format, preset.cutoff_len, preset.train_on_inputs
+    )
     steps = args.steps or preset.steps or max(1, preset.epochs * len(examples) // preset.batch_size)
     lr = args.lr or preset.lr
     cfg = TrainConfig(

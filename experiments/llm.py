@@ -57,8 +57,8 @@ import genlora_jax as gl
 from experiments import choice, scoring
 from experiments import data as data_lib
 from experiments.classify import select_lr
-from experiments.cli import count, positive_float, positive_int
-from experiments.finetune import causal_lm_loss
+from experiments.cli import count, positive_float, positive_int, results_recorder
+from experiments.finetune import causal_lm_loss, training_examples
 from experiments.generate import evaluate_tasks
 from experiments.presets import (
     ATTENTION_TARGETS,
@@ -114,15 +114,6 @@ def split_train(records: Sequence[dict], train: int, val: int, seed: int = 1234)
     held = [records[i] for i in order[:val]]
     rest = order[val:] if not train else order[val : val + train]
     return [records[i] for i in rest], held
-
-
-def tokenized(records: Sequence[dict], tokenizer, fmt: str, cutoff: int) -> list[dict]:
-    """Training examples in ``fmt``: ``option`` or ``llm-adapters``."""
-    if fmt == "option":
-        return [choice.option_example(r, tokenizer, cutoff) for r in records]
-    return [
-        data_lib.tokenize_for_causal_lm(r, tokenizer, cutoff, train_on_inputs=True) for r in records
-    ]
 
 
 def make_batches(examples: Sequence[dict], batch_size: int, pad_id: int, seed: int):
@@ -195,7 +186,7 @@ def run_one(method, lr, seed, args, model, base, tokenizer, splits, evaluate_val
     params = gl.wrap(
         base, list(ATTENTION_TARGETS), adapter_config(method), rng=jax.random.key(seed)
     )
-    examples = tokenized(train_records, tokenizer, args.train_format, args.cutoff)
+    examples = training_examples(train_records, tokenizer, args.train_format, args.cutoff)
     cfg = TrainConfig(
         steps=args.steps,
         lr=lr,
@@ -344,12 +335,7 @@ def main(argv=None) -> dict:
     # Runs that differ only in seed or rate compile the same programs: reuse them.
     jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
 
-    def record(row: dict) -> dict:
-        row = {**row, "command": command}
-        print(json.dumps(row))
-        with (out / "results.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
+    record = results_recorder(out, command)
 
     evaluation = (args, model, tokenizer, test)
     table = []
