@@ -57,7 +57,7 @@ from experiments.train import NonFiniteLoss, TrainConfig, train
 
 # Rank 8 for every baseline, MELoRA with 4 minis of rank 8 (the paper's settings);
 # adapter dropout 0.05 everywhere but HiRA.
-METHODS: dict[str, gl.AdapterConfig] = {
+METHODS: dict[str, gl.methods.AdapterConfig] = {
     "lora": gl.LoRAConfig(rank=8, dropout=0.05),
     "genlora": gl.GenLoRAConfig(rank=8, groups=16, dropout=0.05),
     "genlora-r32": gl.GenLoRAConfig(rank=32, groups=16, dropout=0.05),

@@ -85,7 +85,7 @@ BUCKET = 32
 """Training batches are cut to a multiple of this many tokens (`data.trim_padding`)."""
 
 
-def adapter_config(method: str) -> gl.AdapterConfig:
+def adapter_config(method: str) -> gl.methods.AdapterConfig:
     """The `genlora_jax` config of a method name of `experiments.presets.METHODS`,
     with the presets' adapter dropout."""
     class_name, kwargs = METHODS[method]

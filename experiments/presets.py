@@ -336,7 +336,7 @@ class Preset:
         """Micro-batches per optimizer update."""
         return self.batch_size // self.micro_batch_size
 
-    def adapter_config(self) -> gl.AdapterConfig:
+    def adapter_config(self) -> gl.methods.AdapterConfig:
         """The adapter configuration, built from `genlora_jax` now.
 
         Raises:

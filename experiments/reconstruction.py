@@ -131,7 +131,7 @@ def train(model, config, train_batches, dev_batches, args) -> tuple[dict, dict]:
     return gl.join(base, adapters), summary
 
 
-def query_adapters(params) -> dict[int, gl.LowRankAdapter]:
+def query_adapters(params) -> dict[int, gl.methods.LowRankAdapter]:
     """Layer index → the adapter of that layer's query projection."""
     return {
         next(int(part) for part in path.split("/") if part.isdigit()): adapter
@@ -147,11 +147,11 @@ def reconstruct(trained, initial, args, out: Path) -> dict:
         rows = []
         for layer, adapter in sorted(query_adapters(trained).items()):
             bases = {
-                "trained": gl.basis_vectors(adapter, args.factor),
-                "init": gl.basis_vectors(query_adapters(initial)[layer], args.factor),
+                "trained": gl.analysis.basis_vectors(adapter, args.factor),
+                "init": gl.analysis.basis_vectors(query_adapters(initial)[layer], args.factor),
             }
             fits = {
-                name: gl.fit_rbf_reconstruction(
+                name: gl.analysis.fit_rbf_reconstruction(
                     basis, groups=groups, epochs=args.epochs, rng=jax.random.key(layer)
                 )
                 for name, basis in bases.items()
@@ -173,7 +173,9 @@ def reconstruct(trained, initial, args, out: Path) -> dict:
             )
             if layer == args.plot_layer % len(query_adapters(trained)):
                 suffix = "" if groups == args.fit_groups[0] else f"_g{groups}"
-                gl.plot_reconstruction(fits["trained"], 0, out / f"reconstruction{suffix}.png")
+                gl.analysis.plot_reconstruction(
+                    fits["trained"], 0, out / f"reconstruction{suffix}.png"
+                )
         results[str(groups)] = rows
         print(f"\nRBF reconstruction of trained LoRA query {args.factor.upper()}, G={groups}")
         print("layer  rel.err  cosine | init: rel.err  cosine | param share | ‖ΔA‖/‖A0‖")
@@ -245,8 +247,11 @@ def main() -> None:
         trained[name], training[name] = train(model, config, train_batches, dev_batches, args)
         print(name, training[name])
 
-    tables = {name: [row._asdict() for row in gl.spectral_table(p)] for name, p in trained.items()}
-    gl.plot_spectra(trained, args.out / "spectra.png", module="query")
+    tables = {
+        name: [row._asdict() for row in gl.analysis.spectral_table(p)]
+        for name, p in trained.items()
+    }
+    gl.analysis.plot_spectra(trained, args.out / "spectra.png", module="query")
     print("\nΔW of query per layer: singular values > 0.005, energy Σσ²")
     query_rows = {
         name: [r for r in rows if r["module"] == "query"] for name, rows in tables.items()

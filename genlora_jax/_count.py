@@ -1,18 +1,18 @@
-"""Counting trainable parameters, per adapted module and in total."""
+"""Counting trainable parameters: per adapted module, in total, and method against method."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-from flax import traverse_util
-from flax.core import unfreeze
 
-from genlora_jax._adapter import Adapter
 from genlora_jax._masking import trainable_mask
-from genlora_jax._wrap import ADAPTER_KEY, path_str
+from genlora_jax._tree import Site, flat, is_adapter, is_extra, path_str, sites
+from genlora_jax._wrap import wrap
+from genlora_jax.methods.base import AdapterConfig
+from genlora_jax.methods.lora import LoRAConfig
 
 
 class ParamCount(NamedTuple):
@@ -44,18 +44,18 @@ def count_params(params: Mapping) -> ParamCount:
         >>> gl.count_params(p).trainable  # m + n + 2·r·G·(K+1)
         4192
     """
-    mask = traverse_util.flatten_dict(unfreeze(trainable_mask(params)))
+    mask = flat(trainable_mask(params))
     trainable = frozen = 0
     per_module: dict[str, int] = {}
-    for key, leaf in traverse_util.flatten_dict(unfreeze(params)).items():
+    for key, leaf in flat(params).items():
         sizes = jax.tree.leaves(jax.tree.map(_size, leaf))
         flags = jax.tree.leaves(mask[key])
         live = sum(s for s, t in zip(sizes, flags, strict=True) if t)
         trainable += live
         frozen += sum(sizes) - live
-        if isinstance(leaf, Adapter):
+        if is_adapter(key, leaf):
             name = path_str(key[:-1])
-        elif key[0] == ADAPTER_KEY:
+        elif is_extra(key, leaf):
             name = path_str(key[1:-1])
         else:
             continue
@@ -63,19 +63,78 @@ def count_params(params: Mapping) -> ParamCount:
     return ParamCount(trainable, frozen, per_module)
 
 
+def _shapes(site: Site) -> str:
+    """The adapter's array fields and their shapes, e.g. 'a(8, 64) b(32, 8)'."""
+    return " ".join(
+        f"{k}{tuple(v.shape)}" for k, v in vars(site.adapter).items() if hasattr(v, "shape")
+    )
+
+
+def _table(rows: list[tuple[str, ...]], columns: int) -> str:
+    """Left-aligned columns; cells after ``columns`` run on unpadded."""
+    widths = [max(len(r[i]) for r in rows) for i in range(columns)]
+    return "\n".join(
+        "  ".join(
+            [*(c.ljust(w) for c, w in zip(r[:columns], widths, strict=True)), *r[columns:]]
+        ).rstrip()
+        for r in rows
+    )
+
+
 def summary(params: Mapping) -> str:
     """A text table: one row per adapted module (method, shapes, trainable), and totals."""
-    flat = traverse_util.flatten_dict(unfreeze(params))
     counts = count_params(params)
     rows = [("module", "method", "shapes", "trainable")]
-    for key, leaf in flat.items():
-        name = path_str(key[:-1])
-        if isinstance(leaf, Adapter):
-            shapes = " ".join(
-                f"{k}{tuple(v.shape)}" for k, v in vars(leaf).items() if hasattr(v, "shape")
-            )
-            rows.append((name, leaf.config.method, shapes, f"{counts.per_module[name]:,}"))
+    for site in sites(params):
+        method = site.adapter.config.method
+        rows.append((site.name, method, _shapes(site), f"{counts.per_module[site.name]:,}"))
     total = counts.trainable + counts.frozen
     rows.append(("total", "", f"of {total:,}", f"{counts.trainable:,}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    return _table(rows, 4)
+
+
+def compare_methods(
+    params: Mapping, targets: Sequence[str], configs: Mapping[str, AdapterConfig]
+) -> str:
+    """A text table: per method, trainable numbers, ratio to LoRA, and shapes.
+
+    Every method is wrapped under `jax.eval_shape`, so nothing is allocated:
+    ``params`` may be real arrays or a tree of `jax.ShapeDtypeStruct` (e.g. a
+    LLaMA-3-8B shape tree). Ratios are to the first `LoRAConfig` in
+    ``configs``, or to LoRA at r = 8 when there is none. The shapes column
+    lists the adapter's array fields for the first adapted module.
+
+    Args:
+        params: the base parameter tree (unwrapped).
+        targets: as for `wrap`.
+        configs: row name → method config, in display order.
+
+    Returns:
+        The table, one row per entry of ``configs``.
+
+    Example:
+        >>> import jax.numpy as jnp, genlora_jax as gl
+        >>> base = {"q": {"kernel": jnp.ones((64, 32))}}
+        >>> print(gl.compare_methods(base, ["q"], {"LoRA r=8": gl.LoRAConfig()}))
+        method    kind  trainable  vs LoRA  shapes of q (m=32, n=64)
+        LoRA r=8  lora  768        1.000    a(8, 64) b(32, 8)
+    """
+    if not configs:
+        raise ValueError("configs is empty; pass e.g. {'LoRA r=8': genlora_jax.LoRAConfig()}.")
+
+    def shapes(config: AdapterConfig):
+        return jax.eval_shape(lambda p: wrap(p, targets, config), params)
+
+    wrapped = {name: shapes(config) for name, config in configs.items()}
+    counts = {name: count_params(tree).trainable for name, tree in wrapped.items()}
+    lora = next((name for name, c in configs.items() if type(c) is LoRAConfig), None)
+    reference = counts[lora] if lora else count_params(shapes(LoRAConfig())).trainable
+    rows = []
+    for name, tree in wrapped.items():
+        site = sites(tree)[0]
+        ratio = f"{counts[name] / reference:.3f}"
+        rows.append((name, configs[name].method, f"{counts[name]:,}", ratio, _shapes(site)))
+    header = ("method", "kind", "trainable", "vs LoRA" if lora else "vs LoRA r=8")
+    m, n = site.shape
+    rows.insert(0, (*header, f"shapes of {site.name} (m={m}, n={n})"))
+    return _table(rows, 4)

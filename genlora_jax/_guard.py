@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import flax.linen as nn
 
-from genlora_jax._adapter import ADAPTER_KEY
+from genlora_jax._tree import ADAPTER_KEY
 
 _STATE = threading.local()
 

@@ -20,8 +20,9 @@ import jax
 from jaxtyping import PRNGKeyArray
 
 from genlora_jax import _guard
-from genlora_jax._adapter import Adapter
-from genlora_jax._wrap import ADAPTER_KEY, check_rng, model_params, path_str
+from genlora_jax._tree import ADAPTER_KEY, model_params, path_str, w_layout
+from genlora_jax._wrap import check_rng
+from genlora_jax.methods.base import Adapter
 
 _ACTIVE = threading.local()
 
@@ -69,7 +70,7 @@ def _interceptor(rng: PRNGKeyArray | None):
         finally:
             _active().discard(id(module))
         kernel = module.get_variable("params", "kernel")
-        w0 = kernel if adapter.kernel_transposed else kernel.T
+        w0 = w_layout(kernel, adapter.kernel_transposed)
         x = args[0] if args else kwargs["inputs"]
         _check_orientation(module, adapter, x, w0)
         has_bias = module.has_variable("params", "bias")
@@ -83,17 +84,22 @@ def _interceptor(rng: PRNGKeyArray | None):
 
 
 @contextlib.contextmanager
-def adapted(*, rng: PRNGKeyArray | None = None) -> Iterator[None]:
+def adapted(*, rng: PRNGKeyArray | None = None, enabled: bool = True) -> Iterator[None]:
     """Context in which linen modules that carry an adapter use it.
 
     Args:
         rng: turns on adapter dropout (each module folds in a hash of its
             path); None means deterministic.
+        enabled: False makes the context do nothing, for code that serves
+            merged and intercepted trees alike (see `inference_params`).
 
     Example:
         >>> with gl.adapted():  # doctest: +SKIP
         ...     y = module.apply({"params": gl.model_params(params)}, x)
     """
+    if not enabled:
+        yield
+        return
     if rng is not None:
         check_rng(rng, "adapter_rng")
     with nn.intercept_methods(_interceptor(rng)), _guard.adapters_applied():

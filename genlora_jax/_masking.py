@@ -7,11 +7,9 @@ from typing import Any
 
 import jax
 import optax
-from flax import traverse_util
-from flax.core import unfreeze
 
-from genlora_jax._adapter import Adapter
-from genlora_jax._wrap import ADAPTER_KEY
+from genlora_jax._tree import flat, is_adapter_state, unflat
+from genlora_jax.methods.base import Adapter
 
 
 def _array_fields(adapter: Adapter) -> list[str]:
@@ -28,13 +26,13 @@ def trainable_mask(params: Any) -> Any:
     gradient trees of the same structure.
     """
     out = {}
-    for key, leaf in traverse_util.flatten_dict(unfreeze(params)).items():
+    for key, leaf in flat(params).items():
         if isinstance(leaf, Adapter):
             frozen = leaf.frozen_fields()
             out[key] = leaf.replace(**{f: f not in frozen for f in _array_fields(leaf)})
         else:
-            out[key] = ADAPTER_KEY in key
-    return traverse_util.unflatten_dict(out)
+            out[key] = is_adapter_state(key)
+    return unflat(out)
 
 
 def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:

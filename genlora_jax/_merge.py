@@ -9,38 +9,19 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
-from flax.core import unfreeze
 
 from genlora_jax import _guard
-from genlora_jax._adapter import Adapter
-from genlora_jax._wrap import ADAPTER_KEY, Params, path_str
+from genlora_jax._tree import Params, Site, flat, model_params, plain_params, sites, unflat
+from genlora_jax.methods.base import Adapter
 
 # Digest of a merged kernel → digests of the adapters merged into it (newest last).
 _MERGED: collections.OrderedDict[bytes, set[bytes]] = collections.OrderedDict()
 _MAX_RECORDS = 1 << 16
-
-
-def _w0(kernel, adapter: Adapter):
-    w0 = kernel if adapter.kernel_transposed else jnp.swapaxes(kernel, -1, -2)
-    return w0.astype(jnp.float32)
-
-
-def _kernel(w, adapter: Adapter, dtype):
-    return (w if adapter.kernel_transposed else jnp.swapaxes(w, -1, -2)).astype(dtype)
-
-
-def _per_layer(fn: Callable, kernel) -> Callable:
-    """``fn(adapter, w)`` mapped over the layer axes of a stacked kernel (all
-    but its last two axes); ``fn`` itself for a 2-D kernel."""
-    for _ in range(kernel.ndim - 2):
-        fn = jax.vmap(fn)
-    return fn
 
 
 def _concrete(*trees) -> bool:
@@ -102,49 +83,59 @@ def merge(params: Mapping) -> Params:
         ValueError: an adapter cannot be merged (its nonlinearity acts on
             activations, e.g. AuroRA).
     """
-    flat = traverse_util.flatten_dict(unfreeze(params))
-    out = {}
-    for key, leaf in flat.items():
-        if isinstance(leaf, Adapter):
-            continue
-        out[key[1:] if key[0] == ADAPTER_KEY else key] = leaf
-    for key, adapter in flat.items():
-        if not isinstance(adapter, Adapter):
-            continue
-        if not adapter.mergeable:
+    out = plain_params(params)
+    for site in sites(params):
+        if not site.adapter.mergeable:
             raise ValueError(
-                f"{path_str(key[:-1])}: {type(adapter).__name__} cannot be merged into W0 "
+                f"{site.name}: {type(site.adapter).__name__} cannot be merged into W0 "
                 "(its nonlinearity acts on activations); serve it with `genlora_jax.apply`."
             )
-        kpath = (*key[:-1], "kernel")
-        kernel = flat[kpath]
-        merged = _per_layer(lambda a, w: a.merged_weight(w), kernel)(adapter, _w0(kernel, adapter))
-        out[kpath] = _kernel(merged, adapter, kernel.dtype)
-        if _recordable(out[kpath], adapter):
-            _record(_kernel_digest(kpath, out[kpath]), _adapter_digest(adapter))
-    return traverse_util.unflatten_dict(out)
+        kernel = site.with_w(site.per_layer(lambda a, w: a.merged_weight(w)))
+        out[site.kernel_key] = kernel
+        if _recordable(kernel, site.adapter):
+            _record(_kernel_digest(site.kernel_key, kernel), _adapter_digest(site.adapter))
+    return unflat(out)
 
 
-def _verify(kpath: tuple, kernel, adapter: Adapter) -> None:
-    """Raises unless ``kernel`` is what `merge` made of some W0 with ``adapter``."""
-    where = path_str(kpath[:-1])
-    if not _concrete(kernel, adapter):
+def inference_params(params: Mapping) -> tuple[Params, bool]:
+    """The tree to serve ``params`` with, and whether it needs `adapted`.
+
+    Merging costs nothing per token, so every adapter that can merge is
+    merged; a tree with one that cannot (AuroRA) is served through the
+    interceptor instead.
+
+    Args:
+        params: a wrapped tree (`wrap`), or plain model params.
+
+    Returns:
+        ``(merge(params), False)`` when every adapter merges, else
+        ``(model_params(params), True)``; use the flag as
+        ``with genlora_jax.adapted(enabled=flag): model(..., params=tree)``.
+    """
+    if all(site.adapter.mergeable for site in sites(params)):
+        return merge(params), False
+    return model_params(params), True
+
+
+def _verify(site: Site) -> None:
+    """Raises unless ``site.kernel`` is what `merge` made of some W0 with ``site.adapter``."""
+    if not _concrete(site.kernel, site.adapter):
         raise ValueError(
-            f"{where}: unmerge cannot check under jax.jit that this kernel was merged with "
+            f"{site.name}: unmerge cannot check under jax.jit that this kernel was merged with "
             "these adapters; call it outside jit, or pass verify=False if you are sure."
         )
-    record = _MERGED.get(_kernel_digest(kpath, kernel))
+    record = _MERGED.get(_kernel_digest(site.kernel_key, site.kernel))
     if record is None:
         raise ValueError(
-            f"{where}: this kernel is not one that genlora_jax.merge produced in this process "
-            "(never merged, changed since, merged under jax.jit, or merged elsewhere); "
+            f"{site.name}: this kernel is not one that genlora_jax.merge produced in this "
+            "process (never merged, changed since, merged under jax.jit, or merged elsewhere); "
             "unmerging it would shift W0 by -ΔW. Unmerge the tree that merge returned, with "
             "the adapters it merged; if it was merged under jit or in another process and you "
             "are sure, pass verify=False."
         )
-    if _adapter_digest(adapter) not in record:
+    if _adapter_digest(site.adapter) not in record:
         raise ValueError(
-            f"{where}: this kernel was merged with other adapters than the ones given; "
+            f"{site.name}: this kernel was merged with other adapters than the ones given; "
             "unmerging would not recover W0. Pass the adapter half of the tree that was merged "
             "(`genlora_jax.split(params)[1]`)."
         )
@@ -171,26 +162,25 @@ def unmerge(merged: Mapping, adapters: Mapping, *, verify: bool = True) -> Param
             adapters, or an adapter's module has no kernel in ``merged``.
         NotImplementedError: an adapter cannot recover W0 (DoRA).
     """
-    flat = traverse_util.flatten_dict(unfreeze(merged))
-    out = dict(flat)
-    checks = []
-    for key, leaf in traverse_util.flatten_dict(unfreeze(adapters)).items():
+    out = flat(merged)
+    adapter_leaves = flat(adapters)
+    pairs = []
+    for key, leaf in adapter_leaves.items():
         if isinstance(leaf, Adapter):
-            kpath = (*key[:-1], "kernel")
-            if kpath not in flat:
+            kernel = out.get((*key[:-1], "kernel"))
+            if kernel is None:
                 raise ValueError(
-                    f"{path_str(key[:-1])}: the adapters have a module that the merged tree "
+                    f"{'/'.join(key[:-1])}: the adapters have a module that the merged tree "
                     "lacks; these adapters belong to another model."
                 )
-            kernel = flat[kpath]
-            w0 = _per_layer(lambda a, w: a.unmerged_weight(w), kernel)(leaf, _w0(kernel, leaf))
-            out[kpath] = _kernel(w0, leaf, kernel.dtype)
-            out[key] = leaf
-            checks.append((kpath, kernel, leaf))
-        else:
+            pairs.append(Site(key[:-1], kernel, leaf))
+        else:  # an extra trainable leaf: back under the root key
             out[key] = out.pop(key[1:])
+    for site in pairs:
+        out[site.kernel_key] = site.with_w(site.per_layer(lambda a, w: a.unmerged_weight(w)))
+        out[site.adapter_key] = site.adapter
     if verify:
-        for check in checks:
-            _verify(*check)
+        for site in pairs:
+            _verify(site)
     _guard.install()
-    return traverse_util.unflatten_dict(out)
+    return unflat(out)

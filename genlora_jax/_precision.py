@@ -18,11 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from flax import traverse_util
-from flax.core import unfreeze
 from jaxtyping import DTypeLike
 
-from genlora_jax._wrap import ADAPTER_KEY, Params
+from genlora_jax._tree import Params, flat, is_adapter_state, unflat
 
 
 def cast_base(params: Mapping, dtype: DTypeLike = jnp.bfloat16) -> Params:
@@ -47,8 +45,8 @@ def cast_base(params: Mapping, dtype: DTypeLike = jnp.bfloat16) -> Params:
         (dtype(bfloat16), dtype('float32'))
     """
     out = {}
-    for key, leaf in traverse_util.flatten_dict(unfreeze(params)).items():
-        if ADAPTER_KEY not in key and jnp.issubdtype(leaf.dtype, jnp.floating):
+    for key, leaf in flat(params).items():
+        if not is_adapter_state(key) and jnp.issubdtype(leaf.dtype, jnp.floating):
             leaf = leaf.astype(dtype)
         out[key] = leaf
-    return traverse_util.unflatten_dict(out)
+    return unflat(out)

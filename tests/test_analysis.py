@@ -61,7 +61,7 @@ def _numpy_delta(adapter):
 
 
 def test_spectrum_matches_numpy_svd_exactly(lora_params):
-    spectra = gl.spectrum(lora_params)
+    spectra = gl.analysis.spectrum(lora_params)
     assert sorted(spectra) == sorted(
         f"layers/{i}/{name}" for i in SIGMAS for name in ("q_proj", "v_proj")
     )
@@ -73,15 +73,17 @@ def test_spectrum_matches_numpy_svd_exactly(lora_params):
         # singular values of a float32 matrix are good to ~n·u·σ_max, not relative to each σ
         assert_f32_close(spectra[path], want, terms=max(M, N))
         assert_f32_close(spectra[path][: len(sigmas)], sigmas, terms=max(M, N))
-        assert int(gl.effective_rank(spectra[path])) == int(np.sum(want > 0.005))
-        assert int(gl.effective_rank(spectra[path])) == sum(s > 0.005 for s in sigmas)
-        np.testing.assert_allclose(gl.energy(spectra[path]), np.sum(want**2), rtol=1e-5)
-        np.testing.assert_allclose(gl.energy(spectra[path]), np.sum(dw**2), rtol=1e-5)
-        np.testing.assert_allclose(gl.energy(spectra[path]), sum(s**2 for s in sigmas), rtol=1e-5)
+        assert int(gl.analysis.effective_rank(spectra[path])) == int(np.sum(want > 0.005))
+        assert int(gl.analysis.effective_rank(spectra[path])) == sum(s > 0.005 for s in sigmas)
+        np.testing.assert_allclose(gl.analysis.energy(spectra[path]), np.sum(want**2), rtol=1e-5)
+        np.testing.assert_allclose(gl.analysis.energy(spectra[path]), np.sum(dw**2), rtol=1e-5)
+        np.testing.assert_allclose(
+            gl.analysis.energy(spectra[path]), sum(s**2 for s in sigmas), rtol=1e-5
+        )
 
 
 def test_spectral_table_parses_layers_and_sorts(lora_params):
-    rows = gl.spectral_table(lora_params)
+    rows = gl.analysis.spectral_table(lora_params)
     assert [(row.module, row.layer) for row in rows] == [
         (name, layer) for name in ("q_proj", "v_proj") for layer in (0, 1, 10)
     ]
@@ -90,14 +92,16 @@ def test_spectral_table_parses_layers_and_sorts(lora_params):
         assert row.path == f"layers/{row.layer}/{row.module}"
         assert row.rank == sum(s > 0.005 for s in sigmas)
         assert row.energy == pytest.approx(sum(s**2 for s in sigmas), rel=1e-5)
-    strict = gl.spectral_table(lora_params, threshold=0.25)
+    strict = gl.analysis.spectral_table(lora_params, threshold=0.25)
     assert [row.rank for row in strict[:3]] == [1, 3, 4]
 
 
 def test_effective_rank_and_energy_batch_over_leading_axes():
     sv = jnp.array([[1.0, 0.5, 0.004, 0.0], [0.006, 0.005, 0.0, 0.0]])
-    np.testing.assert_array_equal(gl.effective_rank(sv), [2, 1])  # strictly above
-    np.testing.assert_allclose(gl.energy(sv), [1.25 + 0.004**2, 0.006**2 + 0.005**2], rtol=1e-6)
+    np.testing.assert_array_equal(gl.analysis.effective_rank(sv), [2, 1])  # strictly above
+    np.testing.assert_allclose(
+        gl.analysis.energy(sv), [1.25 + 0.004**2, 0.006**2 + 0.005**2], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -115,16 +119,16 @@ def test_genlora_rank_is_at_most_r_after_perturbation(key, transposed):
             z_b=adapter.z_b + jax.random.normal(kz, (M,)),
             theta_b=adapter.theta_b + 0.3 * jax.random.normal(kt, adapter.theta_b.shape),
         )
-        sv = gl.spectrum(params)[path]
+        sv = gl.analysis.spectrum(params)[path]
         b = reference_basis(module["genlora"].z_b, module["genlora"].theta_b).T
         a = reference_basis(module["genlora"].z_a, module["genlora"].theta_a)
         dw = cfg.scale * b @ a
         want = np.linalg.svd(dw, compute_uv=False)
-        assert gl.delta_weights(params)[path].shape == (M, N)
+        assert gl.analysis.delta_weights(params)[path].shape == (M, N)
         np.testing.assert_allclose(sv, want, atol=1e-5 * want[0])
-        assert int(gl.effective_rank(sv)) == int(np.sum(want > 0.005)) == cfg.rank
-        np.testing.assert_allclose(gl.energy(sv), np.sum(dw**2), rtol=1e-5)
-        assert gl.spectral_table(params)[0].layer == 3
+        assert int(gl.analysis.effective_rank(sv)) == int(np.sum(want > 0.005)) == cfg.rank
+        np.testing.assert_allclose(gl.analysis.energy(sv), np.sum(dw**2), rtol=1e-5)
+        assert gl.analysis.spectral_table(params)[0].layer == 3
 
 
 def test_stacked_layers_give_one_row_per_layer(key):
@@ -140,20 +144,20 @@ def test_stacked_layers_give_one_row_per_layer(key):
     params["encoder"]["layers"]["q_proj"]["genlora"] = jax.tree.map(
         lambda *xs: jnp.stack(xs), *per_layer
     )
-    sv = gl.spectrum(params)["encoder/layers/q_proj"]
+    sv = gl.analysis.spectrum(params)["encoder/layers/q_proj"]
     assert sv.shape == (3, min(M, N))
     for i, one in enumerate(per_layer):
         np.testing.assert_allclose(
             sv[i], np.linalg.svd(_numpy_delta(one), compute_uv=False), atol=2e-6
         )
-    rows = gl.spectral_table(params)
+    rows = gl.analysis.spectral_table(params)
     assert [row.layer for row in rows] == [0, 1, 2]
     assert [row.rank for row in rows] == [2, 4, 7]
     for row, sigmas in zip(rows, SIGMAS.values(), strict=True):
         assert row.energy == pytest.approx(sum(s**2 for s in sigmas), rel=1e-5)
 
 
-class _Scaled(gl.Adapter):
+class _Scaled(gl.methods.Adapter):
     """ΔW = c · W0: needs W0, so it exercises the kernel's orientation."""
 
     c: jax.Array
@@ -175,11 +179,11 @@ def test_delta_uses_w0_in_m_n_orientation(key, transposed):
     kernel = w0 if transposed else w0.T
     adapter = _Scaled(config=gl.LoRAConfig(), kernel_transposed=transposed, c=jnp.float32(-0.5))
     params = {"q": {"kernel": kernel, "genlora": adapter}}
-    np.testing.assert_allclose(gl.delta_weights(params)["q"], -0.5 * w0, atol=1e-7)
+    np.testing.assert_allclose(gl.analysis.delta_weights(params)["q"], -0.5 * w0, atol=1e-7)
     want = 0.5 * np.linalg.svd(np.float64(w0), compute_uv=False)
-    np.testing.assert_allclose(gl.spectrum(params)["q"], want, rtol=1e-5)
+    np.testing.assert_allclose(gl.analysis.spectrum(params)["q"], want, rtol=1e-5)
     with pytest.raises(ValueError, match=r"q: the tree has no kernel beside the adapter.*join"):
-        gl.spectrum({"q": {"genlora": adapter}})
+        gl.analysis.spectrum({"q": {"genlora": adapter}})
 
 
 @pytest.mark.parametrize(
@@ -205,8 +209,8 @@ def test_every_mergeable_method_matches_its_merged_weight(config, key):
     )
     dw = (np.float64(gl.merge(params)["layers"]["2"]["q"]["kernel"]) - np.float64(kernel)).T
     want = np.linalg.svd(dw, compute_uv=False)
-    np.testing.assert_allclose(gl.spectrum(params)["layers/2/q"], want, atol=2e-5)
-    (row,) = gl.spectral_table(params)
+    np.testing.assert_allclose(gl.analysis.spectrum(params)["layers/2/q"], want, atol=2e-5)
+    (row,) = gl.analysis.spectral_table(params)
     assert (row.module, row.layer, row.rank) == ("q", 2, int(np.sum(want > 0.005)))
     assert row.energy == pytest.approx(np.sum(dw**2), rel=1e-4)
 
@@ -214,7 +218,9 @@ def test_every_mergeable_method_matches_its_merged_weight(config, key):
 def test_unmergeable_adapter_is_refused(key):
     adapter = _Unmergeable(config=gl.LoRAConfig(), kernel_transposed=False, c=jnp.float32(1.0))
     with pytest.raises(ValueError, match=r"layers/0/q: _Unmergeable has no input-independent"):
-        gl.spectrum({"layers": {"0": {"q": {"kernel": jnp.ones((N, M)), "genlora": adapter}}}})
+        gl.analysis.spectrum(
+            {"layers": {"0": {"q": {"kernel": jnp.ones((N, M)), "genlora": adapter}}}}
+        )
 
 
 def test_plot_spectra_writes_a_png(lora_params, tmp_path):
@@ -222,21 +228,21 @@ def test_plot_spectra_writes_a_png(lora_params, tmp_path):
         gl.split(lora_params)[0], ["q_proj"], gl.GenLoRAConfig(rank=4, groups=4), rng=None
     )
     out = tmp_path / "spectra.png"
-    fig = gl.plot_spectra({"LoRA": lora_params, "GenLoRA": genlora}, out, module="q_proj")
+    fig = gl.analysis.plot_spectra({"LoRA": lora_params, "GenLoRA": genlora}, out, module="q_proj")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rank_axis = fig.axes[0]
     heights = [patch.get_height() for patch in rank_axis.patches]
     assert heights[:3] == [2, 4, 7]  # LoRA's counts, layers 0, 1, 10
     with pytest.raises(ValueError, match=r"module='query'.*\['q_proj', 'v_proj'\]"):
-        gl.plot_spectra({"LoRA": lora_params}, None, module="query")
+        gl.analysis.plot_spectra({"LoRA": lora_params}, None, module="query")
 
 
 def test_basis_vectors_are_rows_of_a_or_columns_of_b(lora_params):
     adapter = lora_params["layers"]["1"]["q_proj"]["genlora"]
-    np.testing.assert_array_equal(gl.basis_vectors(adapter), adapter.a)
-    np.testing.assert_array_equal(gl.basis_vectors(adapter, "b"), adapter.b.T)
+    np.testing.assert_array_equal(gl.analysis.basis_vectors(adapter), adapter.a)
+    np.testing.assert_array_equal(gl.analysis.basis_vectors(adapter, "b"), adapter.b.T)
     with pytest.raises(ValueError, match="factor must be 'a'"):
-        gl.basis_vectors(adapter, "c")
+        gl.analysis.basis_vectors(adapter, "c")
 
 
 # ---------------------------------------------------------------------------
@@ -287,8 +293,8 @@ def test_reconstruction_recovers_targets_made_by_rbf_generators(key):
     p = jax.random.normal(kp, (D,))
     theta = 0.05 * jax.random.normal(kt, (R, G, 16))
     theta = theta - jnp.mean(theta, axis=0, keepdims=True)
-    basis = gl.generate_basis(p, theta) + 5e-4 * p[None]
-    res = gl.fit_rbf_reconstruction(basis, groups=G, epochs=300, rng=kf)
+    basis = gl.methods.rbf.generate_basis(p, theta) + 5e-4 * p[None]
+    res = gl.analysis.fit_rbf_reconstruction(basis, groups=G, epochs=300, rng=kf)
     _check_consistent(res, basis)
     best = _least_squares_error(basis, G)
     assert best.max() <= float(jnp.max(jnp.linalg.norm(5e-4 * p) / jnp.linalg.norm(basis, axis=1)))
@@ -308,7 +314,7 @@ def test_reconstruction_of_a_smooth_target(key):
     phase = jax.random.uniform(kp, (R, 1), maxval=6.0)
     h = w * jnp.sin(omega * u[None] + phase)
     basis = 0.05 * (u[None] + h - jnp.mean(h, axis=0, keepdims=True))
-    res = gl.fit_rbf_reconstruction(basis, groups=G, epochs=300, rng=kf)
+    res = gl.analysis.fit_rbf_reconstruction(basis, groups=G, epochs=300, rng=kf)
     _check_consistent(res, basis)
     assert np.all(np.asarray(res.rel_error) >= _least_squares_error(basis, G) - 1e-4)
     assert float(res.rel_error.max()) < 0.2
@@ -318,10 +324,10 @@ def test_reconstruction_of_a_smooth_target(key):
 def test_reconstruction_checks_groups_and_plots(key, tmp_path):
     basis = jax.random.normal(key, (4, 48))
     with pytest.raises(ValueError, match=r"groups=5 does not divide .* d=48"):
-        gl.fit_rbf_reconstruction(basis, groups=5, rng=key)
-    res = gl.fit_rbf_reconstruction(basis, groups=3, epochs=5, rng=key)
+        gl.analysis.fit_rbf_reconstruction(basis, groups=5, rng=key)
+    res = gl.analysis.fit_rbf_reconstruction(basis, groups=3, epochs=5, rng=key)
     out = tmp_path / "reconstruction.png"
-    gl.plot_reconstruction(res, 2, out)
+    gl.analysis.plot_reconstruction(res, 2, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(IndexError, match="index=4 is out of range for r=4"):
-        gl.plot_reconstruction(res, 4)
+        gl.analysis.plot_reconstruction(res, 4)

@@ -20,7 +20,7 @@ from conftest import assert_f32_close, tiny_llama_config
 from scipy.interpolate import BSpline
 
 import genlora_jax as gl
-from genlora_jax._aurora import bspline_basis
+from genlora_jax.methods.aurora import bspline_basis
 
 M, N = 48, 32
 BASELINES = {
@@ -84,14 +84,14 @@ def _reference(adapter, x, w0, bias):
     x, w0, bias = (np.float64(v) for v in (x, w0, bias))
     p = {k: np.float64(v) for k, v in vars(adapter).items() if hasattr(v, "shape")}
     cfg, base = adapter.config, x @ w0.T + bias
-    if isinstance(adapter, gl.DoRAParams):
+    if isinstance(adapter, gl.methods.DoRAParams):
         v = w0 + cfg.scale * p["b"] @ p["a"]
         m_vec = np.linalg.norm(w0, axis=1) + p["magnitude"]
         w = m_vec[:, None] * v / np.linalg.norm(v, axis=1)[:, None]
         return x @ w.T + bias
-    if isinstance(adapter, gl.HiRAParams):
+    if isinstance(adapter, gl.methods.HiRAParams):
         return x @ (w0 * (1.0 + p["b"] @ p["a"])).T + bias
-    if isinstance(adapter, gl.MELoRAParams):
+    if isinstance(adapter, gl.methods.MELoRAParams):
         k = cfg.mini
         mk, nk = w0.shape[0] // k, w0.shape[1] // k
         out = base.copy()
@@ -99,7 +99,7 @@ def _reference(adapter, x, w0, bias):
             xi = x[..., i * nk : (i + 1) * nk]
             out[..., i * mk : (i + 1) * mk] += cfg.scale * xi @ p["a"][i].T @ p["b"][i].T
         return out
-    if isinstance(adapter, gl.AuroRAParams):
+    if isinstance(adapter, gl.methods.AuroRAParams):
         h = x @ p["a"].T
         spline = np.stack(
             [
@@ -109,7 +109,7 @@ def _reference(adapter, x, w0, bias):
         ).reshape(h.shape)
         anl = np.tanh(np.tanh(h) @ p["mixer"].T) + spline
         return base + cfg.scale * anl @ p["b"].T
-    if isinstance(adapter, gl.LoRANParams):
+    if isinstance(adapter, gl.methods.LoRANParams):
         z = p["b"] @ p["a"]
         dw = cfg.scale * (z + cfg.amplitude * z * np.sin(cfg.frequency * z))
         return base + x @ dw.T

@@ -43,7 +43,7 @@ def without_updates(params):
     a jitted forward reuses its compilation."""
     flat = traverse_util.flatten_dict(params)
     zero = {
-        k: jax.tree.map(jnp.zeros_like, v) if isinstance(v, gl.Adapter) else v
+        k: jax.tree.map(jnp.zeros_like, v) if isinstance(v, gl.methods.Adapter) else v
         for k, v in flat.items()
     }
     return traverse_util.unflatten_dict(zero)
@@ -103,7 +103,7 @@ def test_genlora_exports_as_the_lora_it_generates(
     minilm, minilm_path, genlora_params, inputs, tmp_path
 ):
     peft = needs_torch_peft()
-    config = gl.export_peft(genlora_params, tmp_path, base_model_name_or_path="MiniLM-L6")
+    config = gl.peft.export_peft(genlora_params, tmp_path, base_model_name_or_path="MiniLM-L6")
     assert config["target_modules"] == ["key", "query", "value"]
     assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (8, 16, False)
     assert config["rank_pattern"]["encoder.layer.5.attention.self.value"] == 4
@@ -119,11 +119,11 @@ def test_genlora_exports_as_the_lora_it_generates(
     assert np.abs(ours - base).max() > 0.1  # the adapters matter
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
-    imported = gl.import_peft(minilm.params, tmp_path)
+    imported = gl.peft.import_peft(minilm.params, tmp_path)
     for path, adapter in gl.named_adapters(genlora_params).items():
         lora = gl.named_adapters(imported)[path]
         b, a = adapter.factors()
-        assert isinstance(lora, gl.LoRAParams) and lora.config.scale == adapter.config.scale
+        assert isinstance(lora, gl.methods.LoRAParams) and lora.config.scale == adapter.config.scale
         np.testing.assert_array_equal(lora.a, a)
         np.testing.assert_array_equal(lora.b, b)
 
@@ -145,7 +145,7 @@ def test_adapter_trained_with_peft_imports(minilm, minilm_path, inputs, tmp_path
     )
     torch_model = peft.get_peft_model(tf.BertModel.from_pretrained(minilm_path), config).eval()
     torch_model.save_pretrained(tmp_path)
-    imported = gl.import_peft(minilm.params, tmp_path)
+    imported = gl.peft.import_peft(minilm.params, tmp_path)
     value = gl.named_adapters(imported)["encoder/layer/3/attention/self/value"]
     assert (value.config.rank, value.config.scale) == (4, 0.75)
     ours = flax_hidden(minilm, imported, inputs)
@@ -156,14 +156,14 @@ def test_adapter_trained_with_peft_imports(minilm, minilm_path, inputs, tmp_path
 @pytest.mark.lenient
 def test_module_prefix_targets_a_model_with_a_head(minilm_path, genlora_params, tmp_path):
     peft = needs_torch_peft()
-    gl.export_peft(genlora_params, tmp_path, module_prefix="bert.")
+    gl.peft.export_peft(genlora_params, tmp_path, module_prefix="bert.")
     classifier = tf.BertForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
     loaded = peft.PeftModel.from_pretrained(classifier, tmp_path)
     adapted = [n for n, _ in loaded.named_modules() if n.endswith("attention.self.query")]
     assert len(adapted) == 6 and adapted[0].startswith("base_model.model.bert.encoder.layer.0")
     with pytest.raises(ValueError, match=r"have no kernel at 'bert/encoder.*check module_prefix"):
-        gl.import_peft(gl.split(genlora_params)[0], tmp_path)
-    imported = gl.import_peft(gl.split(genlora_params)[0], tmp_path, module_prefix="bert.")
+        gl.peft.import_peft(gl.split(genlora_params)[0], tmp_path)
+    imported = gl.peft.import_peft(gl.split(genlora_params)[0], tmp_path, module_prefix="bert.")
     assert sorted(gl.named_adapters(imported)) == sorted(gl.named_adapters(genlora_params))
 
 
@@ -186,7 +186,7 @@ def test_head_and_dora_through_peft(minilm, minilm_path, inputs, tmp_path):
         base, ["query", "value"], gl.DoRAConfig(rank=4), extra_trainable=["classifier"]
     )
     params = perturbed(params, 2, 0.1)
-    config = gl.export_peft(params, tmp_path, task_type="SEQ_CLS")
+    config = gl.peft.export_peft(params, tmp_path, task_type="SEQ_CLS")
     assert config["use_dora"] and config["modules_to_save"] == ["classifier"]
 
     torch_base = tf.BertForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
@@ -199,10 +199,10 @@ def test_head_and_dora_through_peft(minilm, minilm_path, inputs, tmp_path):
     np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-4, rtol=0)
     assert np.abs(ours - np.asarray(run(without_updates(params)))).max() > 0.01  # DoRA matters
 
-    imported = gl.import_peft(base, tmp_path)
+    imported = gl.peft.import_peft(base, tmp_path)
     for path, dora in gl.named_adapters(params).items():
         back = gl.named_adapters(imported)[path]
-        assert isinstance(back, gl.DoRAParams)
+        assert isinstance(back, gl.methods.DoRAParams)
         np.testing.assert_array_equal(back.a, dora.a)
         np.testing.assert_array_equal(back.b, dora.b)
         np.testing.assert_allclose(back.magnitude, dora.magnitude, atol=1e-5)
@@ -221,9 +221,9 @@ def test_gpt2_conv1d_exports_with_fan_in_fan_out(tmp_path):
         functools.partial(model.init_weights, input_shape=(1, 1)), jax.random.key(0)
     )
     base = random_like(shapes)
-    gl.save_merged(model, base, tmp_path / "base")  # no adapters: the base, torch-readable
+    gl.peft.save_merged(model, base, tmp_path / "base")  # no adapters: the base, torch-readable
     params = perturbed(gl.wrap(base, ["c_attn"], gl.GenLoRAConfig(rank=4, groups=4)), 3, 0.1)
-    config = gl.export_peft(params, tmp_path / "adapter")
+    config = gl.peft.export_peft(params, tmp_path / "adapter")
     assert config["fan_in_fan_out"] and config["target_modules"] == ["c_attn"]
 
     torch_base = tf.GPT2Model.from_pretrained(tmp_path / "base")
@@ -268,7 +268,7 @@ def test_lora_round_trip_is_exact(tmp_path):
         )
     )(base)
     params = perturbed(params, 0, 0.1)
-    config = gl.export_peft(params, tmp_path)
+    config = gl.peft.export_peft(params, tmp_path)
     # q_proj names would also select other/q_proj, so the paths are listed in full
     assert config["target_modules"] == [
         "model.layers.0.q_proj",
@@ -288,7 +288,7 @@ def test_lora_round_trip_is_exact(tmp_path):
         tensors["base_model.model.score.weight"], params["genlora"]["score"]["kernel"].T
     )
 
-    imported = gl.import_peft(base, tmp_path)
+    imported = gl.peft.import_peft(base, tmp_path)
     assert_trees_equal(imported, params)
     for path, adapter in gl.named_adapters(params).items():
         back = gl.named_adapters(imported)[path].config
@@ -306,7 +306,7 @@ def test_lora_round_trip_is_exact(tmp_path):
 def test_adapters_without_a_lora_form_are_refused(tmp_path, config, message):
     params = gl.wrap(small_base(), ["q_proj"], config)
     with pytest.raises(ValueError, match=message):
-        gl.export_peft(params, tmp_path)
+        gl.peft.export_peft(params, tmp_path)
     assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
@@ -314,25 +314,25 @@ def test_stacked_adapters_are_refused(tmp_path):
     base = {"layers": {"proj": {"kernel": np.ones((3, 16, 16), np.float32)}}}
     params = gl.wrap(base, ["proj"], gl.LoRAConfig(rank=2), stacked="layers")
     with pytest.raises(ValueError, match=r"layers/proj: the adapter is stacked .*nn.scan"):
-        gl.export_peft(params, tmp_path)
+        gl.peft.export_peft(params, tmp_path)
 
 
 def test_import_refuses_what_does_not_fit(tmp_path):
     params = gl.wrap(small_base(), ["q_proj"], gl.LoRAConfig(rank=4))
-    gl.export_peft(params, tmp_path)
+    gl.peft.export_peft(params, tmp_path)
     other = small_base()
     other["model"]["layers"]["0"]["q_proj"]["kernel"] = jnp.ones((16, 32))
     with pytest.raises(ValueError, match=r"model/layers/0/q_proj: PEFT factors A \(4, 32\)"):
-        gl.import_peft(other, tmp_path)
+        gl.peft.import_peft(other, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "IA3"}))
     with pytest.raises(ValueError, match="peft_type='IA3'"):
-        gl.import_peft(small_base(), tmp_path)
+        gl.peft.import_peft(small_base(), tmp_path)
 
 
 @pytest.mark.lenient
 def test_merged_model_loads_with_plain_transformers(minilm, genlora_params, inputs, tmp_path):
-    gl.save_merged(minilm, genlora_params, tmp_path)
+    gl.peft.save_merged(minilm, genlora_params, tmp_path)
     ours = flax_hidden(minilm, genlora_params, inputs)
     loaded, params = tf.FlaxBertModel.from_pretrained(tmp_path, _do_init=False)
     ids, mask = inputs

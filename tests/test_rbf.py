@@ -38,7 +38,7 @@ def test_generate_basis_matches_reference(key, normalize, r, groups, centres, d)
     z = jax.random.normal(kz, (d,)) * 2.0
     # θ at the paper's init scale 1/√(d/G), so values are O(1) as in training
     theta = jax.random.normal(kt, (r, groups, centres + 1)) / math.sqrt(d / groups)
-    got = gl.generate_basis(z, theta, normalize=normalize)
+    got = gl.methods.rbf.generate_basis(z, theta, normalize=normalize)
     want = reference_basis(z, theta, normalize=normalize)
     assert got.shape == (r, d)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
@@ -46,9 +46,11 @@ def test_generate_basis_matches_reference(key, normalize, r, groups, centres, d)
 
 def test_features_are_shared_and_shaped(key):
     z = jax.random.normal(key, (48,))
-    feats = gl.rbf_features(z, groups=4, centres=15)
+    feats = gl.methods.rbf.rbf_features(z, groups=4, centres=15)
     assert feats.shape == (4, 12, 16)
-    np.testing.assert_allclose(feats[..., 0], jax.nn.silu(gl.instance_norm(z.reshape(4, 12), 1e-5)))
+    np.testing.assert_allclose(
+        feats[..., 0], jax.nn.silu(gl.methods.rbf.instance_norm(z.reshape(4, 12), 1e-5))
+    )
     # the Gaussian bumps peak at 1 on the grid points and never exceed it
     assert float(feats[..., 1:].max()) <= 1.0
 
@@ -56,25 +58,25 @@ def test_features_are_shared_and_shaped(key):
 def test_instance_norm_value_and_zero_variance_gradient():
     x = jnp.array([[1.0, 2.0, 4.0, 9.0]])
     want = (np.asarray(x) - np.mean(x)) / (np.std(x) + 1e-5)
-    np.testing.assert_allclose(gl.instance_norm(x, 1e-5), want, rtol=1e-6)
+    np.testing.assert_allclose(gl.methods.rbf.instance_norm(x, 1e-5), want, rtol=1e-6)
 
     def naive(x):
         return jnp.sum((x - x.mean()) / (jnp.std(x) + 1e-5))
 
     zeros = jnp.zeros((1, 8))
     assert not np.all(np.isfinite(jax.grad(naive)(zeros))), "the trap this guards against"
-    grad = jax.grad(lambda x: jnp.sum(gl.instance_norm(x, 1e-5) ** 2))(zeros)
+    grad = jax.grad(lambda x: jnp.sum(gl.methods.rbf.instance_norm(x, 1e-5) ** 2))(zeros)
     assert np.all(np.isfinite(grad))
 
 
 def test_bad_groups_and_activation_are_named():
     with pytest.raises(ValueError, match="groups=5 does not divide the latent length 12"):
-        gl.rbf_features(jnp.ones(12), groups=5)
+        gl.methods.rbf.rbf_features(jnp.ones(12), groups=5)
     with pytest.raises(ValueError, match="base_activation='relu6' is unknown"):
         gl.GenLoRAConfig(base_activation="relu6")
 
 
 def test_bandwidth_is_grid_spacing():
-    mu, h = gl._rbf.rbf_centres(15, (-3.0, 3.0))
+    mu, h = gl.methods.rbf.rbf_centres(15, (-3.0, 3.0))
     assert math.isclose(h, 6.0 / 14.0)
     np.testing.assert_allclose(np.diff(mu), h, rtol=1e-6)

@@ -1,7 +1,7 @@
 """Every method against its paper's equation in float64, through the whole path.
 
 For each method: the adapted forward (`gl.apply`, the interceptor), ΔW
-(`gl.delta_weights`) and the merged forward (`gl.merge`) are compared with a
+(`gl.analysis.delta_weights`) and the merged forward (`gl.merge`) are compared with a
 numpy float64 reference written from the paper's equation, for a kernel
 stored (n, m) (`nn.Dense`) and (m, n) (a GPT-2-style Conv1D). Each reference
 has deliberately wrong variants (a missing or wrong scale, the wrong
@@ -217,7 +217,7 @@ def test_forward_delta_and_merge_follow_the_equation(method, conv1d):
     want = np.float64(X) @ (np.float64(W0) + dw).T + BIAS
     terms = N + cfg.rank * max(getattr(cfg, "mini", 1), 1) + 16  # x·W, B·A, the generator
 
-    got_dw = gl.delta_weights(params)["proj"]
+    got_dw = gl.analysis.delta_weights(params)["proj"]
     forward = gl.apply(Net(conv1d), params, X)
     merged = Net(conv1d).apply({"params": gl.merge(params)}, X)
     assert _close(got_dw, dw, terms), np.abs(np.float64(got_dw) - dw).max()

@@ -48,7 +48,7 @@ def params(key):
 
 
 def test_default_is_fsdp_on_the_largest_divisible_axis_and_replicated_adapters(params):
-    got = specs(gl.partition_specs(params, MESH))
+    got = specs(gl.sharding.partition_specs(params, MESH))
     want = {
         "embed/embedding": P("fsdp", None),  # 128 is the largest axis and 8 | 128
         "layer/q/kernel": P(None, "fsdp"),
@@ -61,12 +61,12 @@ def test_default_is_fsdp_on_the_largest_divisible_axis_and_replicated_adapters(p
     assert got == want | adapters
 
     # a 2-D mesh: FSDP over all axes (8 devices), or over the named ones
-    both = specs(gl.partition_specs(params, MESH_2D))
+    both = specs(gl.sharding.partition_specs(params, MESH_2D))
     assert both["embed/embedding"] == P(("data", "model"), None)
     assert both["layer/v/kernel"] == P(("data", "model"), None)
-    model = specs(gl.partition_specs(params, MESH_2D, fsdp="model"))
+    model = specs(gl.sharding.partition_specs(params, MESH_2D, fsdp="model"))
     assert model["odd/kernel"] == P("model", None)  # 2 | 30
-    shardings = gl.shardings(params, MESH)
+    shardings = gl.sharding.shardings(params, MESH)
     assert shardings["layer"]["q"]["genlora"].z_b.spec == P()
     assert shardings["layer"]["q"]["kernel"].mesh == MESH
 
@@ -78,7 +78,7 @@ def test_rules_come_first_in_order_and_reach_adapter_fields(params):
         ("kernel", P(None, "model")),  # a bare name: every other kernel
         (r"layer/.*", P()),  # never reached by a kernel: an earlier rule won
     ]
-    got = specs(gl.partition_specs(params, MESH_2D, rules))
+    got = specs(gl.sharding.partition_specs(params, MESH_2D, rules))
     assert got["layer/q/kernel"] == P(None, "model")
     assert got["layer/q/genlora/z_b"] == P("model")
     assert got["layer/v/genlora/z_b"] == P("model")
@@ -91,24 +91,24 @@ def test_rules_come_first_in_order_and_reach_adapter_fields(params):
 
 def test_rules_that_do_not_fit_are_named(params):
     with pytest.raises(ValueError, match=r"'odd/kernel'.*odd/kernel \(30, 10\): size 30 is not"):
-        gl.partition_specs(params, MESH, [("odd/kernel", P("fsdp", None))])
+        gl.sharding.partition_specs(params, MESH, [("odd/kernel", P("fsdp", None))])
     with pytest.raises(ValueError, match=r"the mesh has no axis 'model', only \('fsdp',\)"):
-        gl.partition_specs(params, MESH, [("kernel", P("model"))])
+        gl.sharding.partition_specs(params, MESH, [("kernel", P("model"))])
     with pytest.raises(ValueError, match=r"layer/q/bias \(64,\): it names 2 axes"):
-        gl.partition_specs(params, MESH, [("bias", P("fsdp", None))])
+        gl.sharding.partition_specs(params, MESH, [("bias", P("fsdp", None))])
     with pytest.raises(ValueError, match=r"fsdp axis 'data' is not in the mesh"):
-        gl.partition_specs(params, MESH, fsdp="data")
+        gl.sharding.partition_specs(params, MESH, fsdp="data")
 
 
 def test_optimizer_state_follows_the_adapter_shardings(key):
     base = {"q": {"kernel": jnp.ones((16, 32))}}
     config = gl.GenLoRAConfig(rank=2, groups=4, freeze_z_a=True)
     adapters = gl.split(gl.wrap(base, ["q"], config, rng=key))[1]
-    shardings = gl.shardings(
+    shardings = gl.sharding.shardings(
         adapters, MESH, [("z_b", P("fsdp")), ("theta_b", P(None, None, "fsdp"))]
     )
     state = jax.eval_shape(gl.optimizer(optax.adam(1e-3)).init, adapters)
-    got = gl.state_shardings(state, shardings)
+    got = gl.sharding.state_shardings(state, shardings)
     flat = jax.tree_util.tree_flatten_with_path(got)[0]
     by_path = {jax.tree_util.keystr(k, simple=True, separator="/"): s.spec for k, s in flat}
     moments = {k: v for k, v in by_path.items() if "/mu/" in k or "/nu/" in k}
@@ -121,7 +121,7 @@ def test_optimizer_state_follows_the_adapter_shardings(key):
     counts = [v for k, v in by_path.items() if k not in moments]
     assert counts and all(spec == P() for spec in counts)
     with pytest.raises(ValueError, match="param_shardings holds no NamedSharding"):
-        gl.state_shardings(state, {})
+        gl.sharding.state_shardings(state, {})
 
 
 def test_train_step_on_eight_devices_matches_one_device():
@@ -208,9 +208,9 @@ def _eight_devices() -> dict:
         ("fsdp", auto_mesh((8,), ("fsdp",)), []),
         ("fsdp+tp", auto_mesh((4, 2), ("data", "model")), tensor_parallel),
     ]:
-        base_sh = gl.shardings(base, mesh, rules)
-        adapter_sh = gl.shardings(adapters, mesh, rules)
-        state_sh = gl.state_shardings(jax.eval_shape(tx.init, adapters), adapter_sh)
+        base_sh = gl.sharding.shardings(base, mesh, rules)
+        adapter_sh = gl.sharding.shardings(adapters, mesh, rules)
+        state_sh = gl.sharding.state_shardings(jax.eval_shape(tx.init, adapters), adapter_sh)
         batch_sh = jax.sharding.NamedSharding(mesh, P(mesh.axis_names[0]))
         scalar = jax.sharding.NamedSharding(mesh, P())
         jitted = jax.jit(

@@ -355,7 +355,7 @@ def test_zero_sizes_are_refused():
 
 
 def _peft_dir(tmp_path, wrapped):
-    gl.export_peft(wrapped, tmp_path / "peft")
+    gl.peft.export_peft(wrapped, tmp_path / "peft")
     return tmp_path / "peft"
 
 
@@ -374,7 +374,7 @@ def test_incomplete_peft_files_are_named(tmp_path, wrapped):
     with pytest.raises(
         ValueError, match=r"module 'q_proj' has \['lora_A'\] but lacks \['lora_B'\]"
     ):
-        gl.import_peft(base, broken)
+        gl.peft.import_peft(base, broken)
 
     no_alpha = tmp_path / "no_alpha"
     shutil.copytree(folder, no_alpha)
@@ -382,14 +382,14 @@ def test_incomplete_peft_files_are_named(tmp_path, wrapped):
         json.dumps({k: v for k, v in config.items() if k != "lora_alpha"})
     )
     with pytest.raises(ValueError, match=r"lora_alpha is None; a PEFT LoRA config needs"):
-        gl.import_peft(base, no_alpha)
+        gl.peft.import_peft(base, no_alpha)
 
     (no_alpha / "adapter_config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"has no adapter_config.json"):
-        gl.import_peft(base, no_alpha)
+        gl.peft.import_peft(base, no_alpha)
     (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match=r"not a readable safetensors file"):
-        gl.import_peft(base, broken)
+        gl.peft.import_peft(base, broken)
 
 
 # ---------------------------------------------------------------- guard scope

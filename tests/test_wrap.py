@@ -28,7 +28,7 @@ CFG = gl.GenLoRAConfig(rank=4, groups=4)
 
 
 def test_names_and_regex_select_projections(base):
-    assert [gl._wrap.path_str(p) for p in gl.find_targets(base, ["q_proj"])] == [
+    assert ["/".join(p) for p in gl.find_targets(base, ["q_proj"])] == [
         "layers/0/self_attn/q_proj",
         "layers/1/self_attn/q_proj",
     ]
@@ -59,18 +59,20 @@ def test_base_is_untouched_and_split_join_round_trip(base):
     assert restored["score"]["kernel"] is base["score"]["kernel"]
 
 
-def test_overrides_by_pattern(base):
-    wrapped = gl.wrap(
-        base,
-        ["q_proj", "k_proj"],
-        CFG,
-        overrides={"k_proj": {"rank": 2}, r"layers/1/.*": gl.LoRAConfig(rank=3)},
-    )
-    ads = gl.named_adapters(wrapped)
+def test_overrides_by_pattern_first_match_wins(base):
+    specific_first = {r"layers/1/.*": gl.LoRAConfig(rank=3), "k_proj": {"rank": 2}}
+    ads = gl.named_adapters(gl.wrap(base, ["q_proj", "k_proj"], CFG, overrides=specific_first))
     assert ads["layers/0/self_attn/q_proj"].theta_a.shape[0] == 4
     assert ads["layers/0/self_attn/k_proj"].theta_a.shape[0] == 2
-    assert isinstance(ads["layers/1/self_attn/k_proj"], gl.LoRAParams)
+    assert isinstance(ads["layers/1/self_attn/k_proj"], gl.methods.LoRAParams)
     assert ads["layers/1/self_attn/k_proj"].a.shape == (3, 32)
+    assert isinstance(ads["layers/1/self_attn/q_proj"], gl.methods.LoRAParams)
+    # the other order: k_proj's override is found first on layer 1 too (the
+    # rule of sharding rules and of PEFT's rank_pattern)
+    general_first = dict(reversed(specific_first.items()))
+    ads = gl.named_adapters(gl.wrap(base, ["q_proj", "k_proj"], CFG, overrides=general_first))
+    assert ads["layers/1/self_attn/k_proj"].theta_a.shape[0] == 2
+    assert isinstance(ads["layers/1/self_attn/q_proj"], gl.methods.LoRAParams)
 
 
 def test_each_module_gets_its_own_init(base):

@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import Adapter, AdapterConfig, check_int, input_dropout
-from genlora_jax._lora import LoRAConfig
+from genlora_jax.methods.base import Adapter, AdapterConfig, check_int, input_dropout, lora_factors
 
 SPLINE_INIT = 0.1
 """W_s is initialised uniformly on ±SPLINE_INIT."""
@@ -82,15 +81,13 @@ class AuroRAConfig(AdapterConfig):
 
     def init(self, rng, *, m, n, kernel_transposed, path):
         key_lora, key_mixer, key_spline = jax.random.split(rng, 3)
-        lora = LoRAConfig(rank=self.rank).init(
-            key_lora, m=m, n=n, kernel_transposed=kernel_transposed, path=path
-        )
+        a, b = lora_factors(key_lora, rank=self.rank, m=m, n=n)
         r, c = self.rank, self.grid_size + self.spline_order
         return AuroRAParams(
             config=self,
             kernel_transposed=kernel_transposed,
-            a=lora.a,
-            b=lora.b,
+            a=a,
+            b=b,
             mixer=jax.random.normal(key_mixer, (r, r), jnp.float32) / math.sqrt(r),
             spline=jax.random.uniform(key_spline, (r, c), jnp.float32, -SPLINE_INIT, SPLINE_INIT),
         )

@@ -33,7 +33,8 @@ from typing import Any
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from genlora_jax._wrap import ADAPTER_KEY, matches, path_str
+from genlora_jax._select import first_match
+from genlora_jax._tree import is_adapter_state, path_str
 
 Rules = Sequence[tuple[str, PartitionSpec]]
 AnyMesh = Mesh | AbstractMesh
@@ -107,16 +108,17 @@ def partition_specs(
 
     def spec(keys, leaf):
         path, shape = _path(keys), tuple(leaf.shape)
-        for pattern, rule in rules:
-            if matches(pattern, path):
-                problem = _problem(shape, rule, mesh)
-                if problem:
-                    raise ValueError(
-                        f"rule ({pattern!r}, {rule}) does not fit {path_str(path)} {shape}: "
-                        f"{problem}; change the rule or the mesh."
-                    )
-                return rule
-        if ADAPTER_KEY in path:
+        hit = first_match(rules, path)
+        if hit is not None:
+            pattern, rule = hit
+            problem = _problem(shape, rule, mesh)
+            if problem:
+                raise ValueError(
+                    f"rule ({pattern!r}, {rule}) does not fit {path_str(path)} {shape}: "
+                    f"{problem}; change the rule or the mesh."
+                )
+            return rule
+        if is_adapter_state(path):
             return PartitionSpec()
         return _fsdp_spec(shape, axes, mesh)
 
@@ -135,7 +137,7 @@ def shardings(
         >>> import jax, jax.numpy as jnp, genlora_jax as gl
         >>> mesh = jax.sharding.AbstractMesh((8,), ("fsdp",))
         >>> p = gl.wrap({"q": {"kernel": jnp.ones((64, 32))}}, ["q"], gl.LoRAConfig(rank=2))
-        >>> s = gl.shardings(p, mesh)
+        >>> s = gl.sharding.shardings(p, mesh)
         >>> s["q"]["kernel"].spec, s["q"]["genlora"].a.spec
         (P('fsdp', None), P())
     """

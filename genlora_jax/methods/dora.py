@@ -26,8 +26,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import Adapter, AdapterConfig, input_dropout, low_rank_delta
-from genlora_jax._lora import LoRAConfig
+from genlora_jax.methods.base import (
+    Adapter,
+    AdapterConfig,
+    input_dropout,
+    lora_factors,
+    low_rank_delta,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,15 +42,27 @@ class DoRAConfig(AdapterConfig):
     method: ClassVar[str] = "dora"
 
     def init(self, rng, *, m, n, kernel_transposed, path):
-        lora = LoRAConfig(rank=self.rank).init(
-            rng, m=m, n=n, kernel_transposed=kernel_transposed, path=path
+        a, b = lora_factors(rng, rank=self.rank, m=m, n=n)
+        return DoRAParams(
+            config=self,
+            kernel_transposed=kernel_transposed,
+            a=a,
+            b=b,
+            magnitude=jnp.zeros((m,), jnp.float32),
+        )
+
+    def from_lora(self, tensors, *, w0, kernel_transposed):
+        """PEFT stores m_vec itself; the offset kept here is m_vec − ‖W0‖."""
+        a, b, m_vec = (
+            jnp.asarray(tensors[k], jnp.float32)
+            for k in ("lora_A", "lora_B", "lora_magnitude_vector")
         )
         return DoRAParams(
             config=self,
             kernel_transposed=kernel_transposed,
-            a=lora.a,
-            b=lora.b,
-            magnitude=jnp.zeros((m,), jnp.float32),
+            a=a,
+            b=b,
+            magnitude=m_vec - row_norm(w0),
         )
 
 
@@ -66,6 +83,16 @@ class DoRAParams(Adapter):
     a: Float[Array, "r n"]
     b: Float[Array, "m r"]
     magnitude: Float[Array, " m"]
+
+    peft_use_dora: ClassVar[bool] = True
+
+    def to_lora(self, w0: Float[Array, "m n"]) -> dict[str, Array]:
+        """LoRA's factors plus PEFT's magnitude vector m_vec = ‖W0‖ + offset."""
+        return {"lora_A": self.a, "lora_B": self.b, "lora_magnitude_vector": self.m_vec(w0)}
+
+    def m_vec(self, w0: Float[Array, "m n"]) -> Float[Array, " m"]:
+        """DoRA's magnitude vector, ‖W0‖ + ``magnitude``."""
+        return row_norm(w0.astype(jnp.float32)) + self.magnitude
 
     def _direction_and_shift(
         self, w0: Float[Array, "m n"]

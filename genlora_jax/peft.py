@@ -33,14 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.flax
 import safetensors.numpy
-from flax import traverse_util
-from flax.core import unfreeze
 
-from genlora_jax._adapter import Adapter, LowRankAdapter
-from genlora_jax._dora import DoRAConfig, DoRAParams, row_norm
-from genlora_jax._lora import LoRAConfig
+from genlora_jax import _guard
 from genlora_jax._merge import merge
-from genlora_jax._wrap import ADAPTER_KEY, GPT2_CONV1D, Params, named_adapters, path_str, wrap
+from genlora_jax._select import GPT2_CONV1D, is_transposed
+from genlora_jax._tree import ADAPTER_KEY, Params, Site, flat, path_str, sites, unflat, w_layout
+from genlora_jax.methods.base import Adapter
+from genlora_jax.methods.dora import DoRAConfig
+from genlora_jax.methods.lora import LoRAConfig
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -75,45 +75,25 @@ def _torch_state_dict(params: Mapping) -> dict[str, jnp.ndarray]:
         ".".join((*key[:-1], _TORCH_LEAF.get(key[-1], key[-1]))): _torch_layout(
             key[-1], jnp.asarray(leaf)
         )
-        for key, leaf in traverse_util.flatten_dict(unfreeze(params)).items()
+        for key, leaf in flat(params).items()
     }
 
 
-def _node(params: Mapping, path: str) -> Mapping:
-    for name in path.split("/"):
-        params = params[name]
-    return params
-
-
-def _w0(params: Mapping, path: str, adapter: Adapter) -> jnp.ndarray:
-    kernel = jnp.asarray(_node(params, path)["kernel"], jnp.float32)
-    return kernel if adapter.kernel_transposed else kernel.T
-
-
-def _peft_factors(params: Mapping, path: str, adapter: Adapter) -> dict[str, np.ndarray]:
+def _peft_factors(site: Site) -> dict[str, np.ndarray]:
     """PEFT's tensors for one module: lora_A (r, n), lora_B (m, r) [, magnitude (m,)]."""
-    if _node(params, path)["kernel"].ndim != 2:
+    if site.layers:
         raise ValueError(
-            f"{path}: the adapter is stacked over the layers of an `nn.scan`; PEFT needs one "
-            "module per layer, so export the per-layer (unscanned) model's params."
+            f"{site.name}: the adapter is stacked over the layers of an `nn.scan`; PEFT needs "
+            "one module per layer, so export the per-layer (unscanned) model's params."
         )
-    if isinstance(adapter, DoRAParams):
-        magnitude = row_norm(_w0(params, path, adapter)) + adapter.magnitude
-        b, a, extra = adapter.b, adapter.a, {"lora_magnitude_vector": magnitude}
-    elif isinstance(adapter, LowRankAdapter):
-        (b, a), extra = adapter.factors(), {}
-    else:
-        fix = (
-            "export the merged model with `genlora_jax.save_merged`"
-            if adapter.mergeable
-            else "it cannot be merged either; serve it with `genlora_jax.apply`"
-        )
-        raise ValueError(
-            f"{path}: {type(adapter).__name__} ({adapter.config.method}) is not a low-rank "
-            f"update s·B·A, so it has no PEFT LoRA form; {fix}."
-        )
-    tensors = {"lora_A.weight": a, "lora_B.weight": b, **extra}
-    return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    try:
+        tensors = site.adapter.to_lora(site.w0())
+    except ValueError as err:
+        raise ValueError(f"{site.name}: {err}") from None
+    return {
+        f"{k}.weight" if k != "lora_magnitude_vector" else k: np.asarray(v, np.float32)
+        for k, v in tensors.items()
+    }
 
 
 def _alpha(adapter: Adapter, rank: int, rslora: bool) -> float | int:
@@ -127,7 +107,7 @@ def _target_modules(params: Mapping, paths: list[str], module_prefix: str) -> li
     names = {p.rsplit("/", 1)[-1] for p in paths}
     selected = {
         path_str(key[:-1])
-        for key, leaf in traverse_util.flatten_dict(unfreeze(params)).items()
+        for key, leaf in flat(params).items()
         if key[-1] == "kernel" and key[-2] in names and key[0] != ADAPTER_KEY and leaf.ndim == 2
     }
     if selected == set(paths):
@@ -182,20 +162,21 @@ def export_peft(
             message says what to do instead), or DoRA is mixed with other
             methods.
     """
-    adapters = named_adapters(params)
-    if not adapters:
+    found = sites(params)
+    if not found:
         raise ValueError("params carry no adapters; wrap and train them first.")
-    dora = {isinstance(a, DoRAParams) for a in adapters.values()}
+    adapters = [site.adapter for site in found]
+    dora = {a.peft_use_dora for a in adapters}
     if len(dora) > 1:
         raise ValueError("PEFT's use_dora holds for every module; DoRA cannot be mixed with LoRA.")
-    rslora = all(a.config.rslora for a in adapters.values())
+    rslora = all(a.config.rslora for a in adapters)
     tensors, ranks, alphas = {}, {}, {}
-    for path, adapter in sorted(adapters.items()):
-        module = module_prefix + path.replace("/", ".")
-        for name, value in _peft_factors(params, path, adapter).items():
+    for site in found:
+        module = module_prefix + site.name.replace("/", ".")
+        for name, value in _peft_factors(site).items():
             tensors[f"{PEFT_PREFIX}{module}.{name}"] = value
         ranks[module] = tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"].shape[0]
-        alphas[module] = _alpha(adapter, ranks[module], rslora)
+        alphas[module] = _alpha(site.adapter, ranks[module], rslora)
     pairs = collections.Counter((ranks[m], alphas[m]) for m in ranks)
     r, alpha = pairs.most_common(1)[0][0]
     extra_tensors, modules_to_save = _extras(params, module_prefix)
@@ -209,10 +190,10 @@ def export_peft(
         "use_dora": dora == {True},
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
-        "target_modules": _target_modules(params, sorted(adapters), module_prefix),
+        "target_modules": _target_modules(params, [s.name for s in found], module_prefix),
         "modules_to_save": modules_to_save or None,
-        "lora_dropout": max(a.config.dropout for a in adapters.values()),
-        "fan_in_fan_out": any(a.kernel_transposed for a in adapters.values()),
+        "lora_dropout": max(a.config.dropout for a in adapters),
+        "fan_in_fan_out": any(a.kernel_transposed for a in adapters),
         "bias": "none",
         "inference_mode": True,
     }
@@ -329,29 +310,34 @@ def import_peft(
     for key, value in tensors.items():
         module, name = _split_key(key, module_prefix)
         (modules if name.startswith("lora_") else extras)[module][name] = value
-    kernels = {
-        path_str(key[:-1])
-        for key in traverse_util.flatten_dict(unfreeze(params))
-        if key[-1] == "kernel"
-    }
+    leaves = flat(params)
+    if any(ADAPTER_KEY in key for key in leaves):
+        raise ValueError(
+            f"params already carry adapters (a {ADAPTER_KEY!r} key); import onto the base tree "
+            "(`genlora_jax.split(params)[0]`)."
+        )
     make = DoRAConfig if config.get("use_dora") else LoRAConfig
     needed = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if config.get("use_dora") else set())
-    overrides = {}
     for module, factors in modules.items():
         torch_module = module_prefix + module.replace("/", ".")
+        path = tuple(module.split("/"))
         missing = sorted(needed - set(factors))
         if missing:
             raise ValueError(
                 f"{weights}: module {torch_module!r} has {sorted(factors)} but lacks {missing}; "
                 "the adapter file is incomplete (every adapted module needs both factors)."
             )
-        if module not in kernels:
+        kernel = leaves.get((*path, "kernel"))
+        if kernel is None:
             raise ValueError(
                 f"the adapter adapts {torch_module!r} but these params have no kernel at "
                 f"{module!r}; check module_prefix (e.g. 'bert.' when the adapter was saved for "
                 "BertForSequenceClassification and the params are FlaxBertModel's)."
             )
-        overrides[f"(?:{re.escape(module)})"] = make(
+        transposed = is_transposed(transposed_kernels, path)
+        w0 = w_layout(jnp.asarray(kernel, jnp.float32), transposed)
+        _check_factor_shapes(module, factors, w0.shape)
+        cfg = make(
             rank=factors["lora_A"].shape[0],
             alpha=_pattern_value(
                 config.get("alpha_pattern") or {}, torch_module, config["lora_alpha"]
@@ -359,41 +345,33 @@ def import_peft(
             rslora=bool(config.get("use_rslora")),
             dropout=float(config.get("lora_dropout") or 0.0),
         )
-    wrapped = wrap(
-        params,
-        list(overrides),
-        LoRAConfig(),
-        overrides=overrides,
-        extra_trainable=[f"(?:{re.escape(m)})" for m in extras],
-        transposed_kernels=transposed_kernels,
-    )
-    flat = traverse_util.flatten_dict(unfreeze(wrapped))
-    for module, factors in modules.items():
-        key = (*module.split("/"), ADAPTER_KEY)
-        flat[key] = _filled(flat[key], factors, _w0(wrapped, module, flat[key]), module)
-    for module, leaves in extras.items():
-        owner = (ADAPTER_KEY, *module.split("/"))
-        for key in [k for k in flat if k[:-1] == owner]:
+        leaves[(*path, ADAPTER_KEY)] = cfg.from_lora(factors, w0=w0, kernel_transposed=transposed)
+    for module, tensors_of_module in extras.items():
+        path = tuple(module.split("/"))
+        owned = [key for key in leaves if key[:-1] == path]
+        for key in owned:
             torch_name = _TORCH_LEAF.get(key[-1], key[-1])
-            if torch_name in leaves:
-                value = jnp.asarray(leaves.pop(torch_name), flat[key].dtype)
-                flat[key] = _flax_layout(key[-1], value)
-        if leaves:
-            raise ValueError(f"{module}: PEFT tensors {sorted(leaves)} have no Flax counterpart.")
-    return traverse_util.unflatten_dict(flat)
+            if torch_name in tensors_of_module:
+                value = jnp.asarray(tensors_of_module.pop(torch_name), leaves[key].dtype)
+                leaves[(ADAPTER_KEY, *key)] = _flax_layout(key[-1], value)
+                del leaves[key]
+        if tensors_of_module:
+            raise ValueError(
+                f"{module}: PEFT tensors {sorted(tensors_of_module)} have no Flax counterpart."
+            )
+    _guard.install()
+    return unflat(leaves)
 
 
-def _filled(adapter: Adapter, factors: Mapping[str, Any], w0: jnp.ndarray, module: str) -> Adapter:
-    a, b = (jnp.asarray(factors[k], jnp.float32) for k in ("lora_A", "lora_B"))
-    if a.shape != adapter.a.shape or b.shape != adapter.b.shape:
+def _check_factor_shapes(module: str, factors: Mapping[str, Any], w_shape: tuple[int, int]) -> None:
+    m, n = w_shape
+    r = factors["lora_A"].shape[0]
+    a, b = factors["lora_A"].shape, factors["lora_B"].shape
+    if a != (r, n) or b != (m, r):
         raise ValueError(
-            f"{module}: PEFT factors A {a.shape}, B {b.shape} do not fit the kernel, which needs "
-            f"A {adapter.a.shape}, B {adapter.b.shape}; the adapter is for another model."
+            f"{module}: PEFT factors A {a}, B {b} do not fit the kernel, which needs "
+            f"A {(r, n)}, B {(m, r)}; the adapter is for another model."
         )
-    if not isinstance(adapter, DoRAParams):
-        return adapter.replace(a=a, b=b)
-    magnitude = jnp.asarray(factors["lora_magnitude_vector"], jnp.float32) - row_norm(w0)
-    return adapter.replace(a=a, b=b, magnitude=magnitude)
 
 
 def save_merged(

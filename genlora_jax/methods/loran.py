@@ -21,8 +21,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import Adapter, AdapterConfig, check_real, input_dropout
-from genlora_jax._lora import LoRAConfig
+from genlora_jax.methods.base import Adapter, AdapterConfig, check_real, input_dropout, lora_factors
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,10 +44,8 @@ class LoRANConfig(AdapterConfig):
         check_real(self, "frequency")
 
     def init(self, rng, *, m, n, kernel_transposed, path):
-        lora = LoRAConfig(rank=self.rank).init(
-            rng, m=m, n=n, kernel_transposed=kernel_transposed, path=path
-        )
-        return LoRANParams(config=self, kernel_transposed=kernel_transposed, a=lora.a, b=lora.b)
+        a, b = lora_factors(rng, rank=self.rank, m=m, n=n)
+        return LoRANParams(config=self, kernel_transposed=kernel_transposed, a=a, b=b)
 
 
 def sinter(z: Array, amplitude: float, frequency: float) -> Array:

@@ -3,7 +3,7 @@
 Per adapted (m × n) projection the trainable numbers are z_B (m), z_A (n) and
 θ_B, θ_A (r, G, K + 1) each: m + n + 2·r·G·(K + 1), against LoRA's r·(m + n).
 The update is exactly ΔW = s · B A with rank ≤ r, so it merges into W0.
-See GENLORA.md and `genlora_jax._rbf` for the generator.
+See GENLORA.md and `genlora_jax.methods.rbf` for the generator.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import (
+from genlora_jax.methods.base import (
     AdapterConfig,
     LowRankAdapter,
     check_int,
     check_real,
     kaiming_uniform,
 )
-from genlora_jax._rbf import ACTIVATIONS, generate_basis, rbf_centres
+from genlora_jax.methods.rbf import ACTIVATIONS, generate_basis, rbf_centres
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import AdapterConfig, LowRankAdapter, kaiming_uniform
+from genlora_jax.methods.base import AdapterConfig, LowRankAdapter, lora_factors
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -18,12 +18,12 @@ class LoRAConfig(AdapterConfig):
     method: ClassVar[str] = "lora"
 
     def init(self, rng, *, m, n, kernel_transposed, path):
-        return LoRAParams(
-            config=self,
-            kernel_transposed=kernel_transposed,
-            a=kaiming_uniform(rng, (self.rank, n), fan_in=n),
-            b=jnp.zeros((m, self.rank), jnp.float32),
-        )
+        a, b = lora_factors(rng, rank=self.rank, m=m, n=n)
+        return LoRAParams(config=self, kernel_transposed=kernel_transposed, a=a, b=b)
+
+    def from_lora(self, tensors, *, w0, kernel_transposed):
+        a, b = (jnp.asarray(tensors[k], jnp.float32) for k in ("lora_A", "lora_B"))
+        return LoRAParams(config=self, kernel_transposed=kernel_transposed, a=a, b=b)
 
 
 class LoRAParams(LowRankAdapter):

@@ -16,15 +16,13 @@ import abc
 import dataclasses
 import math
 import numbers
+from collections.abc import Mapping
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Float, PRNGKeyArray
-
-# Adapters and extra trainable leaves live under this key in a wrapped tree.
-ADAPTER_KEY = "genlora"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,6 +67,19 @@ class AdapterConfig(abc.ABC):
     ) -> Adapter:
         """Creates the adapter for one (m × n) projection at module ``path``."""
 
+    def from_lora(
+        self, tensors: Mapping[str, Array], *, w0: Float[Array, "m n"], kernel_transposed: bool
+    ) -> Adapter:
+        """The adapter holding PEFT LoRA tensors (the inverse of `Adapter.to_lora`).
+
+        Args:
+            tensors: ``lora_A`` (r, n), ``lora_B`` (m, r), and for DoRA
+                ``lora_magnitude_vector`` (m,), shapes already checked.
+            w0: the base weight W0 (m, n) in float32.
+            kernel_transposed: as in `init`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no PEFT LoRA form to load.")
+
 
 def check_int(config: object, name: str, *, minimum: int) -> None:
     """Raises unless ``config.name`` is an integer ≥ ``minimum`` (bools refused)."""
@@ -106,6 +117,8 @@ class Adapter(struct.PyTreeNode, abc.ABC):
     kernel_transposed: bool = struct.field(pytree_node=False)
 
     mergeable: ClassVar[bool] = True
+    # PEFT writes DoRA as LoRA with ``use_dora``; True for the adapters it means.
+    peft_use_dora: ClassVar[bool] = False
 
     def frozen_fields(self) -> frozenset[str]:
         """Names of array fields that stay fixed during training."""
@@ -123,6 +136,25 @@ class Adapter(struct.PyTreeNode, abc.ABC):
         """W0 recovered from a merged weight (methods whose merge is invertible)."""
         raise NotImplementedError(
             f"{type(self).__name__} cannot recover W0 from a merged weight; keep the base."
+        )
+
+    def to_lora(self, w0: Float[Array, "m n"]) -> dict[str, Array]:
+        """PEFT's LoRA tensors for this adapter: ``lora_A`` (r, n), ``lora_B``
+        (m, r) and, with `peft_use_dora`, ``lora_magnitude_vector`` (m,).
+
+        Raises:
+            ValueError: the update is not s·B·A (full-rank or nonlinear
+                methods), so PEFT cannot represent it; the message says what
+                to export instead.
+        """
+        fix = (
+            "export the merged model with `genlora_jax.peft.save_merged`"
+            if self.mergeable
+            else "it cannot be merged either; serve it with `genlora_jax.apply`"
+        )
+        raise ValueError(
+            f"{type(self).__name__} ({self.config.method}) is not a low-rank update s·B·A, so "
+            f"it has no PEFT LoRA form; {fix}."
         )
 
     @abc.abstractmethod
@@ -154,6 +186,12 @@ class LowRankAdapter(Adapter):
     def unmerged_weight(self, w: Float[Array, "m n"]) -> Float[Array, "m n"]:
         return w - self.delta_weight(w)
 
+    def to_lora(self, w0: Float[Array, "m n"]) -> dict[str, Array]:
+        """The rank-r LoRA of `factors` (GenLoRA's generated B and A, MELoRA's
+        block-diagonal ones), with PEFT's scale equal to this adapter's."""
+        b, a = self.factors()
+        return {"lora_A": a, "lora_B": b}
+
     def __call__(self, x, y, *, w0, bias, rng):
         b, a = self.factors()
         h = input_dropout(x, self.config.dropout, rng) @ a.T.astype(x.dtype)
@@ -175,6 +213,17 @@ def input_dropout(
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def lora_factors(
+    rng: PRNGKeyArray, *, rank: int, m: int, n: int
+) -> tuple[Float[Array, "r n"], Float[Array, "m r"]]:
+    """LoRA's initial factors (A, B): A Kaiming-uniform as in PEFT, B = 0, so ΔW = 0.
+
+    Shared by every method that starts from LoRA's factors (LoRA, DoRA, HiRA,
+    AuroRA, LoRAN).
+    """
+    return kaiming_uniform(rng, (rank, n), fan_in=n), jnp.zeros((m, rank), jnp.float32)
 
 
 def kaiming_uniform(rng: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Array:

@@ -25,8 +25,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import Adapter, AdapterConfig, input_dropout
-from genlora_jax._lora import LoRAConfig
+from genlora_jax.methods.base import Adapter, AdapterConfig, input_dropout, lora_factors
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,10 +61,8 @@ class HiRAConfig(AdapterConfig):
         return 1.0
 
     def init(self, rng, *, m, n, kernel_transposed, path):
-        lora = LoRAConfig(rank=self.rank).init(
-            rng, m=m, n=n, kernel_transposed=kernel_transposed, path=path
-        )
-        return HiRAParams(config=self, kernel_transposed=kernel_transposed, a=lora.a, b=lora.b)
+        a, b = lora_factors(rng, rank=self.rank, m=m, n=n)
+        return HiRAParams(config=self, kernel_transposed=kernel_transposed, a=a, b=b)
 
 
 class HiRAParams(Adapter):

@@ -30,11 +30,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 from jaxtyping import PRNGKeyArray
 
-from genlora_jax._adapter import Adapter
-from genlora_jax._wrap import Params, join, named_adapters, split
+from genlora_jax._tree import Params, Site, flat, leaf_paths, sites, split, unflat
+from genlora_jax._wrap import join
 
 FORMAT = "genlora_jax.adapter_checkpoint/1"
 # Leading values of each adapted kernel kept as the base fingerprint; compared
@@ -49,7 +48,7 @@ class CorruptCheckpointError(ValueError):
 
 def _check_finite(what: str, tree: Any) -> None:
     """Refuses to save NaN or inf: a checkpoint must be a state worth resuming."""
-    for path, leaf in _flat(tree).items():
+    for path, leaf in leaf_paths(tree).items():
         if isinstance(leaf, jax.ShapeDtypeStruct) or not jax.numpy.issubdtype(
             leaf.dtype, jax.numpy.inexact
         ):
@@ -81,24 +80,11 @@ class Checkpoint(NamedTuple):
     data_position: Any
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    raise TypeError(f"unsupported pytree key {entry!r}")
-
-
-def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
-    """Leaf path (names of dict keys, attributes, indices) → leaf, in tree order."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(_key_name(k) for k in path): leaf for path, leaf in leaves}
-
-
 def _signature(tree: Any) -> dict[str, list]:
     """'path/to/leaf' → [shape, dtype] of every array leaf."""
     return {
         "/".join(key): [list(leaf.shape), str(np.dtype(leaf.dtype))]
-        for key, leaf in _flat(tree).items()
+        for key, leaf in leaf_paths(tree).items()
     }
 
 
@@ -106,8 +92,8 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _config_json(adapter: Adapter) -> dict[str, Any]:
-    cfg = adapter.config
+def _config_json(site: Site) -> dict[str, Any]:
+    cfg = site.adapter.config
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     return _json({"class": type(cfg).__name__, "method": cfg.method, **fields})
 
@@ -119,11 +105,12 @@ def _sample(kernel: Any) -> list[float] | None:
     return np.asarray(first_row[:_SAMPLE], np.float32).tolist()
 
 
-def describe(params: Mapping) -> dict[str, Any]:
+def describe(params: Mapping, adapters: Mapping | None = None) -> dict[str, Any]:
     """What a checkpoint of ``params`` must match: adapters, their base, leaves.
 
     Args:
         params: a wrapped tree (from `wrap`, or `join` of `split`'s halves).
+        adapters: its adapter half, when the caller has split it already.
 
     Returns:
         A JSON-ready dict with, per adapted module path, the adapter class,
@@ -131,19 +118,18 @@ def describe(params: Mapping) -> dict[str, Any]:
         values of the kernel's first row (None for `jax.ShapeDtypeStruct`
         kernels); and the signature (shape, dtype) of every adapter-half leaf.
     """
-    modules = {}
-    for path, adapter in named_adapters(params).items():
-        node = params
-        for name in path.split("/"):
-            node = node[name]
-        modules[path] = {
-            "adapter": type(adapter).__name__,
-            "config": _config_json(adapter),
-            "kernel_transposed": adapter.kernel_transposed,
-            "kernel_shape": list(node["kernel"].shape),
-            "kernel_sample": _sample(node["kernel"]),
+    modules = {
+        site.name: {
+            "adapter": type(site.adapter).__name__,
+            "config": _config_json(site),
+            "kernel_transposed": site.adapter.kernel_transposed,
+            "kernel_shape": list(site.kernel.shape),
+            "kernel_sample": _sample(site.kernel),
         }
-    return {"modules": modules, "arrays": _signature(split(params)[1])}
+        for site in sites(params)
+    }
+    adapters = split(params)[1] if adapters is None else adapters
+    return {"modules": modules, "arrays": _signature(adapters)}
 
 
 def _config_call(config: Mapping[str, Any]) -> str:
@@ -238,15 +224,13 @@ def _rng_from_json(saved: Mapping[str, Any] | None) -> PRNGKeyArray | None:
 
 
 def _abstract(tree: Any) -> dict:
-    return traverse_util.unflatten_dict(
-        {k: ocp.utils.to_shape_dtype_struct(v) for k, v in _flat(tree).items()}
-    )
+    return unflat({k: ocp.utils.to_shape_dtype_struct(v) for k, v in leaf_paths(tree).items()})
 
 
 def _refill(template: Any, restored: Mapping) -> Any:
-    flat = traverse_util.flatten_dict(restored)
+    leaves = flat(restored)
     treedef = jax.tree.structure(template)
-    return jax.tree.unflatten(treedef, [flat[key] for key in _flat(template)])
+    return jax.tree.unflatten(treedef, [leaves[key] for key in leaf_paths(template)])
 
 
 class AdapterCheckpointer:
@@ -343,19 +327,17 @@ class AdapterCheckpointer:
         os.makedirs(self.directory, exist_ok=True)
         meta = {
             "format": FORMAT,
-            **describe(params),
+            **describe(params, adapters),
             "opt_state": None if opt_state is None else _signature(opt_state),
             "rng": _rng_json(rng),
             "data_position": data_position,
         }
         items = {
-            "adapters": ocp.args.StandardSave(traverse_util.unflatten_dict(_flat(adapters))),
+            "adapters": ocp.args.StandardSave(unflat(leaf_paths(adapters))),
             "meta": ocp.args.JsonSave(_json(meta)),
         }
         if opt_state is not None:
-            items["opt_state"] = ocp.args.StandardSave(
-                traverse_util.unflatten_dict(_flat(opt_state))
-            )
+            items["opt_state"] = ocp.args.StandardSave(unflat(leaf_paths(opt_state)))
         if not self._manager.save(step, args=ocp.args.Composite(**items)):
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory}.")
 
@@ -447,8 +429,8 @@ class AdapterCheckpointer:
                 f"{where} is not a genlora_jax adapter checkpoint ({FORMAT}); move it out of "
                 "the checkpoint directory."
             )
-        check_compatible(meta, describe(params))
         base, adapters = split(params)
+        check_compatible(meta, describe(params, adapters))
         items = {"adapters": ocp.args.StandardRestore(_abstract(adapters))}
         if opt_state is not None:
             if meta["opt_state"] is None:

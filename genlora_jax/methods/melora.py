@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from genlora_jax._adapter import (
+from genlora_jax.methods.base import (
     AdapterConfig,
     LowRankAdapter,
     check_int,
