@@ -16,7 +16,7 @@ of which needs torch:
 
 The result matches `transformers`' own torch GGUF loader
 (``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)``): the same
-dequantized weights, logits and token ids (``tests/test_gguf.py``).
+dequantized weights, logits and token ids (``tests/library/test_gguf.py``).
 
 `transformers`' Flax Llama hard-codes the rotary base θ = 10,000; a file with
 another ``llama.rope.freq_base`` (SmolLM2: 100,000) makes `load_gguf` replace

@@ -19,7 +19,7 @@ nbclient = pytest.importorskip("nbclient")
 kernelspec = pytest.importorskip("jupyter_client.kernelspec")
 manager = pytest.importorskip("jupyter_client.manager")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 EXPECTED = {"analysis", "colab_tpu_finetune", "quickstart"}
 
