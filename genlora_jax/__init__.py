@@ -99,22 +99,7 @@ _MOVED = {
         name: f"methods.rbf.{name}"
         for name in ("ACTIVATIONS", "generate_basis", "instance_norm", "rbf_features")
     },
-    **{
-        name: f"analysis.{name}"
-        for name in (
-            "Reconstruction",
-            "SpectrumRow",
-            "basis_vectors",
-            "delta_weights",
-            "effective_rank",
-            "energy",
-            "fit_rbf_reconstruction",
-            "plot_reconstruction",
-            "plot_spectra",
-            "spectral_table",
-            "spectrum",
-        )
-    },
+    **{name: f"analysis.{name}" for name in analysis.__all__ if name != "PAPER_THRESHOLD"},
     **{name: f"checkpoint.{name}" for name in ("Checkpoint", "CorruptCheckpointError")},
     **{
         name: f"peft.{name}"

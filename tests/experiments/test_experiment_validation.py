@@ -10,24 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed
+import test_validation
 from test_training import Tiny, X
 
 import genlora_jax as gl
 from experiments import data as data_lib
 from experiments.train import NonFiniteLoss, TrainConfig, train
 
-LORA = gl.LoRAConfig(rank=2)
-
-
-@pytest.fixture
-def base(key):
-    return Tiny().init(key, X)["params"]
-
-
-@pytest.fixture
-def wrapped(base, key):
-    return perturbed(gl.wrap(base, ["q_proj", "v_proj"], LORA, rng=key), seed=1, scale=0.3)
+# the library half's fixtures
+base, wrapped = test_validation.base, test_validation.wrapped
 
 
 # ---------------------------------------------------------------- training faults
