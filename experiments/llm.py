@@ -40,10 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,20 +51,22 @@ import jax.numpy as jnp
 import numpy as np
 
 import genlora_jax as gl
-from experiments import choice, scoring
+from experiments import choice, evaluate
 from experiments import data as data_lib
 from experiments.classify import select_lr
-from experiments.cli import count, positive_float, positive_int, results_recorder
-from experiments.finetune import causal_lm_loss, training_examples
-from experiments.generate import evaluate_tasks
-from experiments.presets import (
-    ATTENTION_TARGETS,
-    METHODS,
-    PRESETS,
-    SMOLLM2,
-    SMOLLM2_METHODS,
-    adapter_dropout,
+from experiments.cli import (
+    command_line,
+    count,
+    job_folder,
+    markdown_table,
+    parse_sweep_args,
+    positive_float,
+    positive_int,
+    results_recorder,
 )
+from experiments.finetune import causal_lm_loss, training_examples
+from experiments.models import attention_targets
+from experiments.presets import PRESETS, SMOLLM2, SMOLLM2_METHODS, adapter_config
 from experiments.train import NonFiniteLoss, TrainConfig, train
 from genlora_jax.models import load_gguf
 
@@ -83,13 +82,6 @@ def default_lr(method: str, task: str) -> float:
 
 BUCKET = 32
 """Training batches are cut to a multiple of this many tokens (`data.trim_padding`)."""
-
-
-def adapter_config(method: str) -> gl.methods.AdapterConfig:
-    """The `genlora_jax` config of a method name of `experiments.presets.METHODS`,
-    with the presets' adapter dropout."""
-    class_name, kwargs = METHODS[method]
-    return getattr(gl, class_name)(**kwargs, dropout=adapter_dropout(class_name))
 
 
 def load_records(data_root: Path, task: str, split: str) -> list[dict]:
@@ -135,56 +127,14 @@ def make_batches(examples: Sequence[dict], batch_size: int, pad_id: int, seed: i
     return batch
 
 
-def evaluate(model, params, tokenizer, records, task: str, scoring_mode: str) -> dict[str, Any]:
-    """Accuracies (and standard errors) of ``params`` on ``records``."""
-    out: dict[str, Any] = {}
-    if scoring_mode in ("likelihood", "both"):
-        start = time.perf_counter()
-        s = choice.score_choices(model, params, tokenizer, records, desc=f"{task} likelihood")
-        out.update(
-            acc=s.acc,
-            acc_se=s.stderr(s.acc),
-            acc_norm=s.acc_norm,
-            acc_norm_se=s.stderr(s.acc_norm),
-            chance=s.chance,
-            scored_tokens_per_s=round(s.tokens_per_second, 1),
-            likelihood_seconds=round(time.perf_counter() - start, 1),
-        )
-    if scoring_mode in ("generate", "both"):
-        start = time.perf_counter()
-        key = scoring.canonical_task(task)
-        replies: dict[str, list[str]] = {}
-        acc = evaluate_tasks(
-            model,
-            params,
-            tokenizer,
-            {key: records},
-            max_new_tokens=32,
-            num_beams=1,
-            batch_size=16,
-            responses=replies,
-        )[key]
-        seconds = time.perf_counter() - start
-        # tokens of the answers as scored (after "### Response:"), EOS excluded
-        generated = sum(
-            len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies[key]
-        )
-        out.update(
-            protocol_acc=acc,
-            protocol_acc_se=math.sqrt(acc * (1 - acc) / len(records)),
-            generate_seconds=round(seconds, 1),
-            generated_tokens_per_s=round(generated / seconds, 1),
-        )
-    return out
-
-
 def run_one(method, lr, seed, args, model, base, tokenizer, splits, evaluate_val):
     """Trains one adapter and scores it on the validation slice (when
     ``evaluate_val``); returns (a row of ``results.jsonl``, the trained tree or
     None if it diverged). `test_row` adds the test accuracies."""
     train_records = splits[0]
+    config = adapter_config(method)
     params = gl.wrap(
-        base, list(ATTENTION_TARGETS), adapter_config(method), rng=jax.random.key(seed)
+        base, attention_targets(model.config.model_type), config, rng=jax.random.key(seed)
     )
     examples = training_examples(train_records, tokenizer, args.train_format, args.cutoff)
     cfg = TrainConfig(
@@ -204,7 +154,7 @@ def run_one(method, lr, seed, args, model, base, tokenizer, splits, evaluate_val
     row: dict[str, Any] = {
         "task": args.task,
         "method": method,
-        "config": repr(adapter_config(method)),
+        "config": repr(config),
         "trainable": gl.count_params(params).trainable,
         "lr": lr,
         "seed": seed,
@@ -243,10 +193,20 @@ def run_one(method, lr, seed, args, model, base, tokenizer, splits, evaluate_val
 
 
 def test_row(row: dict, trained, args, model, tokenizer, test_records) -> dict:
-    """``row`` with the test accuracies of ``trained`` and the evaluation time."""
+    """``row`` with the test scores of ``trained`` (`experiments.evaluate`,
+    greedy, 32 new tokens) and the evaluation time."""
     start = time.perf_counter()
-    scores = evaluate(model, trained, tokenizer, test_records, args.task, args.scoring)
-    return {**row, **scores, "eval_seconds": round(time.perf_counter() - start, 1)}
+    scores = evaluate.score_tasks(
+        model,
+        trained,
+        tokenizer,
+        {args.task: test_records},
+        args.scoring,
+        max_new_tokens=32,
+        num_beams=1,
+        batch_size=16,
+    )[args.task]
+    return {**row, **scores.metrics(), "eval_seconds": round(time.perf_counter() - start, 1)}
 
 
 def summarize(method: str, sweep: list[dict], runs: list[dict]) -> dict:
@@ -297,26 +257,19 @@ def parse_args(argv=None):
     parser.add_argument("--cutoff", type=positive_int, default=256, help="max training tokens")
     parser.add_argument("--lr", type=positive_float, nargs="+", default=None)
     parser.add_argument("--seeds", type=count, nargs="+", default=[0])
-    parser.add_argument(
-        "--scoring", choices=["likelihood", "generate", "both"], default="likelihood"
-    )
+    parser.add_argument("--scoring", choices=evaluate.SCORING_MODES, default="likelihood")
     parser.add_argument("--train-format", choices=["option", "llm-adapters"], default="option")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot row")
     parser.add_argument("--checkpoint-every", type=count, default=0)
     parser.add_argument("--out", default="runs/llm")
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds repeats a seed: {args.seeds}")
-    if args.lr and len(args.lr) > 1 and not args.val_examples:
-        parser.error("a learning-rate sweep needs --val-examples > 0 to choose on")
-    return args
+    return parse_sweep_args(parser, argv)
 
 
 def main(argv=None) -> dict:
     """Runs the comparison; returns the summary written to ``OUT/<task>-summary.json``."""
     args = parse_args(argv)
-    command = "python -m experiments.llm " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("experiments.llm", argv)
     root = Path(args.data) if args.data else data_lib.default_data_dir()
     if root is None:
         raise SystemExit(f"error: no data root; pass --data or set {data_lib.DATA_ENV_VAR}.")
@@ -330,20 +283,15 @@ def main(argv=None) -> dict:
     if args.test_examples:
         test = test[: args.test_examples]
     splits = (train_records, val_records, test)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Runs that differ only in seed or rate compile the same programs: reuse them.
-    jax.config.update("jax_compilation_cache_dir", str((out / ".jax_cache").absolute()))
+    out = job_folder(args.out)
 
     record = results_recorder(out, command)
 
     evaluation = (args, model, tokenizer, test)
     table = []
     if not args.no_zero_shot:
-        start = time.perf_counter()
-        zero = evaluate(model, base, tokenizer, test, args.task, args.scoring)
-        zero["eval_seconds"] = round(time.perf_counter() - start, 1)
-        record({"task": args.task, "method": "zero-shot", "trainable": 0, **zero})
+        zero = test_row({"method": "zero-shot", "trainable": 0}, base, *evaluation)
+        record({"task": args.task, **zero})
         table.append({"method": "zero-shot", "trainable": 0, "seeds": [], **zero})
     for method in args.methods:
         grid = args.lr or [default_lr(method, args.task)]
@@ -415,24 +363,28 @@ def _pct(row: Mapping, key: str) -> str:
 
 def format_table(summary: Mapping) -> str:
     """Markdown table: one row per method (zero-shot first), then chance."""
-    lines = [
-        "| method | trainable params | lr | seeds | acc % ± SE | acc_norm % ± SE "
-        "| protocol acc % ± SE | train s | eval s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    rows = []
     for r in summary["rows"]:
         if not r["seeds"] and r.get("diverged"):
-            lines.append(f"| {r['method']} | {r['trainable']:,} | diverged: {r['diverged']} |")
+            rows.append([r["method"], f"{r['trainable']:,}", f"diverged: {r['diverged']}"])
             continue
-        lr = f"{r['lr']:g}" if "lr" in r else ""
-        train_s = f"{r['train_seconds']:.0f}" if "train_seconds" in r else ""
-        lines.append(
-            f"| {r['method']} | {r['trainable']:,} | {lr} | {len(r['seeds']) or ''} "
-            f"| {_pct(r, 'acc')} | {_pct(r, 'acc_norm')} | {_pct(r, 'protocol_acc')} "
-            f"| {train_s} | {r['eval_seconds']:.0f} |"
+        rows.append(
+            [
+                r["method"],
+                f"{r['trainable']:,}",
+                f"{r['lr']:g}" if "lr" in r else "",
+                f"{len(r['seeds']) or ''}",
+                _pct(r, "acc"),
+                _pct(r, "acc_norm"),
+                _pct(r, "protocol_acc"),
+                f"{r['train_seconds']:.0f}" if "train_seconds" in r else "",
+                f"{r['eval_seconds']:.0f}",
+            ]
         )
-    lines.append(f"| chance | 0 | | | {100 * summary['chance']:.1f} | | | | |")
-    return "\n".join(lines)
+    rows.append(["chance", "0", "", "", f"{100 * summary['chance']:.1f}", "", "", "", ""])
+    header = ["method", "trainable params", "lr", "seeds", "acc % ± SE", "acc_norm % ± SE"]
+    header += ["protocol acc % ± SE", "train s", "eval s"]
+    return markdown_table(header, "lrrrrrrrr", rows)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,13 @@ Choices where the paper is silent, written down here:
 - Decoding: beam search with 4 beams, 256 new tokens on math and 32 on
   commonsense.
 
-Adapter classes are looked up in `genlora_jax` only when a preset's
-`Preset.adapter_config` is called, so the table lists every run even while a
-baseline is missing from the library; asking for that run then fails with a
-message naming the class.
+`METHODS` is the one table of named adapter settings of the experiments:
+name → (`genlora_jax.methods.REGISTRY` method, fields); `adapter_config`
+turns a name (or a short name of `SHORT_NAMES`, those of
+`experiments.classify`) into the config, with the dropout policy of
+`adapter_dropout`. Configs are built from the library's registry only when
+asked for, so the table lists every run even while a baseline is missing from
+the library; asking for that run then fails with a message naming the method.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from types import MappingProxyType
 from typing import Any
 
 import genlora_jax as gl
+from experiments.models import ATTENTION_TARGETS
 
 MATH_TASKS = ("AddSub", "MultiArith", "SingleEq", "SVAMP", "gsm8k", "AQuA")
 """LLM-Adapters' six math test sets (``mawps`` is available via ``--tasks``)."""
@@ -63,8 +67,6 @@ COMMONSENSE_TASKS = (
     "openbookqa",
 )
 """The eight commonsense test sets of LLM-Adapters / DoRA."""
-
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -230,36 +232,79 @@ _GENLORA_RG = ((8, 16), (32, 16), (64, 16), (16, 16), (8, 8), (16, 8), (32, 8))
 
 def _methods() -> dict[str, tuple[str, dict[str, Any]]]:
     methods: dict[str, tuple[str, dict[str, Any]]] = {
-        "lora-r8": ("LoRAConfig", {"rank": 8}),
-        "dora-r8": ("DoRAConfig", {"rank": 8}),
-        "hira-r8": ("HiRAConfig", {"rank": 8}),
-        "melora-r8m4": ("MELoRAConfig", {"rank": 8, "mini": 4}),
-        "aurora-r2": ("AuroRAConfig", {"rank": 2}),
-        "aurora-r8": ("AuroRAConfig", {"rank": 8}),
-        "loran-r8": ("LoRANConfig", {"rank": 8}),
+        "lora-r8": ("lora", {"rank": 8}),
+        "dora-r8": ("dora", {"rank": 8}),
+        "hira-r8": ("hira", {"rank": 8}),
+        "melora-r8m4": ("melora", {"rank": 8, "mini": 4}),
+        "aurora-r2": ("aurora", {"rank": 2}),
+        "aurora-r8": ("aurora", {"rank": 8}),
+        "loran-r8": ("loran", {"rank": 8}),
     }
     for r, g in _GENLORA_RG:
-        methods[f"genlora-r{r}g{g}"] = ("GenLoRAConfig", {"rank": r, "groups": g})
+        methods[f"genlora-r{r}g{g}"] = ("genlora", {"rank": r, "groups": g})
     # Ablations at the r=8, g=16 budget (GENLORA.md §6).
-    methods["genlora-r8g16-nonorm"] = (
-        "GenLoRAConfig",
-        {"rank": 8, "groups": 16, "normalize": False},
-    )
-    methods["genlora-r128g1"] = ("GenLoRAConfig", {"rank": 128, "groups": 1})
+    r8g16 = {"rank": 8, "groups": 16}
+    methods["genlora-r8g16-nonorm"] = ("genlora", {**r8g16, "normalize": False})
+    methods["genlora-r128g1"] = ("genlora", {"rank": 128, "groups": 1})
     for which, fields in (
         ("za", {"freeze_z_a": True}),
         ("zb", {"freeze_z_b": True}),
         ("z", {"freeze_z_a": True, "freeze_z_b": True}),
     ):
-        methods[f"genlora-r8g16-frozen-{which}"] = (
-            "GenLoRAConfig",
-            {"rank": 8, "groups": 16, **fields},
-        )
+        methods[f"genlora-r8g16-frozen-{which}"] = ("genlora", {**r8g16, **fields})
     return methods
 
 
 METHODS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType(_methods())
-"""Method name → (`genlora_jax` config class name, its keyword arguments)."""
+"""Method name → (`genlora_jax.methods.REGISTRY` method name, its config's fields
+without ``dropout``, which `adapter_dropout` sets)."""
+
+SHORT_NAMES: Mapping[str, str] = MappingProxyType(
+    {
+        "lora": "lora-r8",
+        "genlora": "genlora-r8g16",
+        "genlora-r32": "genlora-r32g16",
+        "dora": "dora-r8",
+        "hira": "hira-r8",
+        "melora": "melora-r8m4",
+        "aurora": "aurora-r8",
+        "loran": "loran-r8",
+    }
+)
+"""The method names of `experiments.classify` (its ``--methods``, its committed
+results) → names of `METHODS`: rank 8 for every baseline, MELoRA with 4 minis."""
+
+
+def adapter_dropout(method: str) -> float:
+    """0.05 (LLM-Adapters), except HiRA's 0: its original forward has no dropout.
+
+    Args:
+        method: a `genlora_jax.methods.REGISTRY` name ("lora", "hira", ...).
+    """
+    return 0.0 if method == "hira" else 0.05
+
+
+def adapter_settings(name: str) -> tuple[str, dict[str, Any]]:
+    """(registry method, config fields with the dropout of `adapter_dropout`) of a
+    name of `METHODS` or `SHORT_NAMES`.
+
+    Raises:
+        KeyError: an unknown name; the message lists the known ones.
+    """
+    try:
+        method, fields = METHODS[SHORT_NAMES.get(name, name)]
+    except KeyError:
+        raise KeyError(
+            f"no method {name!r}; known: {[*METHODS]} and the short names {[*SHORT_NAMES]}."
+        ) from None
+    return method, {**fields, "dropout": adapter_dropout(method)}
+
+
+def adapter_config(name: str) -> gl.methods.AdapterConfig:
+    """The `genlora_jax` config of a name of `METHODS` or `SHORT_NAMES`
+    (`genlora_jax.methods.config`), with the dropout of `adapter_dropout`."""
+    method, fields = adapter_settings(name)
+    return gl.methods.config(method, **fields)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -274,8 +319,8 @@ class Preset:
         train_data: training file, relative to the data root or absolute.
         eval_tasks: test sets (names of `experiments.scoring.TASK_KINDS`).
         method: key of `METHODS`.
-        config_class: name of the adapter config class in `genlora_jax`.
-        adapter: keyword arguments of that class (``dropout`` included).
+        adapter_method: its `genlora_jax.methods.REGISTRY` name.
+        adapter: the config's fields (``dropout`` included).
         targets: adapted projections.
         lr: peak learning rate.
         batch_size: examples per optimizer update.
@@ -300,9 +345,9 @@ class Preset:
     train_data: str
     eval_tasks: tuple[str, ...]
     method: str
-    config_class: str
+    adapter_method: str
     adapter: Mapping[str, Any]
-    targets: tuple[str, ...] = ATTENTION_TARGETS
+    targets: tuple[str, ...] = ATTENTION_TARGETS["llama"]
     lr: float
     batch_size: int = 16
     micro_batch_size: int = 4
@@ -337,35 +382,27 @@ class Preset:
         return self.batch_size // self.micro_batch_size
 
     def adapter_config(self) -> gl.methods.AdapterConfig:
-        """The adapter configuration, built from `genlora_jax` now.
+        """The adapter configuration, built from `genlora_jax.methods` now.
 
         Raises:
-            AttributeError: ``genlora_jax`` has no ``config_class`` (a baseline
-                not implemented in this version).
+            ValueError: the library's registry has no ``adapter_method`` (a
+                baseline not implemented in this version).
         """
-        cls = getattr(gl, self.config_class, None)
-        if cls is None:
-            raise AttributeError(
-                f"preset {self.name!r} needs genlora_jax.{self.config_class}, which this "
-                f"version of genlora_jax does not provide; pick another method or update "
-                "genlora_jax."
-            )
+        try:
+            cls = gl.methods.get(self.adapter_method)
+        except ValueError as err:
+            raise ValueError(
+                f"preset {self.name!r} needs the method {self.adapter_method!r}, which this "
+                f"version of genlora_jax does not provide ({err}); pick another method or "
+                "update genlora_jax."
+            ) from None
         return cls(**self.adapter)
-
-
-def _is_baseline(config_class: str) -> bool:
-    return config_class != "GenLoRAConfig"
-
-
-def adapter_dropout(config_class: str) -> float:
-    """0.05 (LLM-Adapters), except HiRA's 0: its original forward has no dropout."""
-    return 0.0 if config_class == "HiRAConfig" else 0.05
 
 
 def _preset(model_key: str, model: str, family_name: str, method: str, **settings) -> Preset:
     """``{model_key}-{family_name}-{method}``: the family's data, tasks and rate."""
     family = FAMILIES.get(family_name) or SMOLLM2_FAMILIES[family_name]
-    cls, kwargs = METHODS[method]
+    adapter_method, adapter = adapter_settings(method)
     name = f"{model_key}-{family_name}-{method}"
     return Preset(
         name=name,
@@ -374,9 +411,10 @@ def _preset(model_key: str, model: str, family_name: str, method: str, **setting
         train_data=f"llm_adapters/{family.train_file}",
         eval_tasks=family.tasks,
         method=method,
-        config_class=cls,
-        adapter=MappingProxyType({**kwargs, "dropout": adapter_dropout(cls)}),
-        lr=family.baseline_lr if _is_baseline(cls) else family.lr,
+        adapter_method=adapter_method,
+        adapter=MappingProxyType(adapter),
+        # the paper tunes its rates for GenLoRA only; baselines take LLM-Adapters'
+        lr=family.lr if adapter_method == "genlora" else family.baseline_lr,
         max_new_tokens=family.max_new_tokens,
         scoring=family.scoring,
         train_format=family.train_format,
@@ -411,8 +449,8 @@ def build_presets() -> dict[str, Preset]:
         train_data="llm_adapters/math/train_math_data.json",
         eval_tasks=MATH_TASKS,
         method="genlora-r8g16",
-        config_class="GenLoRAConfig",
-        adapter=MappingProxyType({"rank": 8, "groups": 16, "dropout": 0.05}),
+        adapter_method="genlora",
+        adapter=MappingProxyType(adapter_settings("genlora-r8g16")[1]),
         # A higher rate than the paper's so that a few steps visibly move the loss.
         lr=1e-3,
         steps=20,

@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_f32_close
 
 import genlora_jax as gl
-from experiments import classify
+from experiments import classify, evaluate, models, presets
 from experiments import data as data_lib
 
 # ---------------------------------------------------------------- batching
@@ -162,14 +162,14 @@ def test_evaluator_serves_adapters_that_cannot_merge_through_the_interceptor(min
     tokenizer, model = minilm
     dev = data_lib.load_sst2(data_dir, "dev").select(range(40))
     arrays = data_lib.tokenize_classification(dev, tokenizer, 32)
-    evaluate = classify.Evaluator(model, batch_size=16)
+    accuracy = evaluate.ClassificationAccuracy(model, batch_size=16)
     base = dict(model.params)
     # At init both adapters are the identity, so both must score like the base.
     aurora = gl.wrap(base, ["query", "value"], gl.AuroRAConfig(rank=4), rng=jax.random.key(0))
     lora = gl.wrap(base, ["query", "value"], gl.LoRAConfig(rank=4), rng=jax.random.key(0))
     pred = np.argmax(model(arrays["input_ids"], arrays["attention_mask"]).logits, -1)
     expected = float(np.mean(pred == arrays["labels"]))
-    assert evaluate(aurora, arrays) == evaluate(lora, arrays) == expected
+    assert accuracy(aurora, arrays) == accuracy(lora, arrays) == expected
 
 
 # ---------------------------------------------------------------- a real run
@@ -214,7 +214,7 @@ def test_tiny_sweep_records_every_run_and_keeps_the_best_validated_rate(
     assert row["lr"] == 1e-3 and row["seeds"] == [0, 1] and row["diverged_in_grid"] == ["0.003"]
     assert row["dev_accuracy"] == [rows[0]["dev_accuracy"], rows[2]["dev_accuracy"]]
     assert saved["train_examples"] == 64 and saved["dev_examples"] == 24
-    config = classify.METHODS["lora"]
+    config = presets.adapter_config("lora")
     expected = 6 * 3 * gl.count_params(
         gl.wrap({"q": {"kernel": np.zeros((384, 384))}}, ["q"], config)
     ).trainable + (384 * 2 + 2)
@@ -261,8 +261,8 @@ def test_an_interrupted_run_resumes_to_the_same_adapters(
     _, model = minilm
     template = gl.wrap(
         classify.init_head(dict(model.params), model, 0),
-        classify.ATTENTION_TARGETS["bert"],
-        classify.METHODS["lora"],
+        models.ATTENTION_TARGETS["bert"],
+        presets.adapter_config("lora"),
         rng=jax.random.key(0),
         extra_trainable=["classifier"],
     )

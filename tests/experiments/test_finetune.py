@@ -14,8 +14,8 @@ from conftest import tiny_llama_config
 from flax import traverse_util
 
 import genlora_jax as gl
-from experiments import data, finetune, generate, presets, scoring
-from genlora_jax import models
+from experiments import data, evaluate, finetune, generate, models, presets, scoring
+from genlora_jax import models as gguf
 
 RECORDS = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5. The answer is 5."},
@@ -30,7 +30,7 @@ LLAMA3_PROJ = [(4096, 4096), (1024, 4096), (1024, 4096)] * 32
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return finetune.tiny_tokenizer(map(finetune.training_text, RECORDS), vocab_size=400)
+    return models.tiny_tokenizer(map(finetune.training_text, RECORDS), vocab_size=400)
 
 
 def _random_llama(config, seed=0):
@@ -135,10 +135,8 @@ def test_registry_names_parse_and_settings_follow_the_paper():
 
 
 def test_missing_adapter_class_fails_only_when_asked():
-    preset = dataclasses.replace(
-        presets.PRESETS["gemma-7b-math-lora-r8"], config_class="NoSuchConfig"
-    )
-    with pytest.raises(AttributeError, match=r"genlora_jax\.NoSuchConfig"):
+    preset = dataclasses.replace(presets.PRESETS["gemma-7b-math-lora-r8"], adapter_method="nosuch")
+    with pytest.raises(ValueError, match=r"needs the method 'nosuch'"):
         preset.adapter_config()
 
 
@@ -166,24 +164,24 @@ def test_flax_config_maps_qwen2_to_a_biased_llama_and_caps_positions():
     fields = dict(presets.ARCHITECTURES["qwen2.5-14b"])
     assert fields.pop("model_type") == "qwen2"
     qwen = Qwen2Config(**fields, rope_theta=1e6, max_position_embeddings=131072)
-    llama = finetune.flax_config(qwen)
+    llama = models.flax_config(qwen)
     assert isinstance(llama, LlamaConfig)
     assert llama.attention_bias and llama.rope_theta == 1e6
     assert (llama.hidden_size, llama.num_key_value_heads) == (5120, 8)
-    assert llama.max_position_embeddings == finetune.MAX_POSITIONS
+    assert llama.max_position_embeddings == models.MAX_POSITIONS
     scaled = LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(NotImplementedError, match="rope_scaling"):
-        finetune.flax_config(scaled)
+        models.flax_config(scaled)
 
 
 def test_rope_table_matches_transformers_and_the_formula():
     from transformers.models.llama import modeling_flax_llama
 
     np.testing.assert_array_equal(
-        models.rope_table(64, 16, 10000.0),
+        gguf.rope_table(64, 16, 10000.0),
         np.asarray(modeling_flax_llama.create_sinusoidal_positions(64, 16)),
     )
-    table = models.rope_table(40, 8, 5e5)
+    table = gguf.rope_table(40, 8, 5e5)
     pos, i = 37, 3  # frequency index i < d/2, repeated at i + d/2
     angle = pos * 5e5 ** (-2 * i / 8)
     np.testing.assert_allclose(table[pos, 0, [i, i + 4]], math.sin(angle), rtol=1e-6)
@@ -195,7 +193,7 @@ def test_patched_llama_rotary_embedding_uses_rope_theta(key):
     """After the patch, the module every Flax Llama attention builds rotates by θ."""
     from transformers.models.llama import modeling_flax_llama
 
-    models.patch_llama_rope()
+    gguf.patch_llama_rope()
     config = tiny_llama_config(rope_theta=5e5)  # head_dim 16
     x = jax.random.normal(key, (1, 5, 4, 16))  # (batch, positions, heads, head_dim)
     positions = jnp.arange(5)[None]
@@ -248,7 +246,7 @@ def test_sharded_qwen2_checkpoint_loads_as_a_biased_llama(tmp_path, tokenizer, t
     ).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
 
-    model, loaded, loaded_tokenizer = finetune.load_pretrained(str(tmp_path), jnp.float32)
+    model, loaded, loaded_tokenizer = models.load_pretrained(str(tmp_path), jnp.float32)
     assert isinstance(model, FlaxLlamaForCausalLM) and model.config.attention_bias
     assert loaded_tokenizer.eos_token_id == tokenizer.eos_token_id
     flat, want = traverse_util.flatten_dict(loaded), traverse_util.flatten_dict(params)
@@ -259,14 +257,14 @@ def test_sharded_qwen2_checkpoint_loads_as_a_biased_llama(tmp_path, tokenizer, t
 
     tensors.pop("model.layers.1.mlp.up_proj.weight")
     save_file(tensors, tmp_path / "one.safetensors", metadata={"format": "pt"})
-    _, shapes = finetune.init_model(llama)
+    _, shapes = models.init_model(llama)
     with pytest.raises(ValueError, match="up_proj/kernel"):
-        finetune.load_safetensors_params([tmp_path / "one.safetensors"], shapes, llama)
+        models.load_safetensors_params([tmp_path / "one.safetensors"], shapes, llama)
 
 
 def test_missing_model_folder_says_pass_a_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?i)pass --model with a local folder"):
-        finetune.resolve_model_folder(str(tmp_path / "nowhere"))
+        models.resolve_model_folder(str(tmp_path / "nowhere"))
 
 
 # --------------------------------------------------------------------------- loss
@@ -334,7 +332,7 @@ def test_batched_greedy_generation_matches_naive_decoding(tokenizer, tiny, confi
     """LoRA decodes merged; AuroRA cannot merge and decodes through the interceptor."""
     model, base = tiny
     params = _adapted(base, config)
-    assert generate.inference_params(params)[1] == isinstance(config, gl.AuroRAConfig)
+    assert gl.inference_params(params)[1] == isinstance(config, gl.AuroRAConfig)
     prompts = [data.alpaca_prompt(r["instruction"], r["input"]) for r in RECORDS]
     out = generate.generate(
         model, params, tokenizer, prompts, max_new_tokens=6, num_beams=1, batch_size=4
@@ -346,7 +344,7 @@ def test_batched_greedy_generation_matches_naive_decoding(tokenizer, tiny, confi
 @pytest.mark.lenient
 def test_beam_search_with_left_padding_equals_one_prompt_at_a_time(tokenizer, tiny):
     model, base = tiny
-    tree, _ = generate.inference_params(_adapted(base, gl.LoRAConfig(rank=4)))
+    tree, _ = gl.inference_params(_adapted(base, gl.LoRAConfig(rank=4)))
     seqs = [
         tokenizer(data.alpaca_prompt(r["instruction"], r["input"]))["input_ids"] for r in RECORDS
     ]
@@ -377,7 +375,7 @@ class ScriptedLM:
         return SimpleNamespace(sequences=jnp.concatenate([input_ids, tail], axis=1))
 
 
-def test_evaluate_tasks_scores_each_task_by_the_protocol(tokenizer):
+def test_score_tasks_scores_each_task_by_the_protocol(tokenizer):
     text = "the correct answer is true. The answer is 7."
     script = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
     script += tokenizer(" 9", add_special_tokens=False)["input_ids"]  # after EOS: ignored
@@ -393,20 +391,22 @@ def test_evaluate_tasks_scores_each_task_by_the_protocol(tokenizer):
         ],
     }
     params = gl.wrap({"q_proj": {"kernel": jnp.zeros((8, 8))}}, ["q_proj"], gl.LoRAConfig(rank=2))
-    responses = {}
-    result = generate.evaluate_tasks(
+    scores = evaluate.score_tasks(
         ScriptedLM(script),
         params,
         tokenizer,
         tasks,
+        "generate",
         max_new_tokens=len(script) + 2,
         num_beams=1,
         batch_size=2,
-        responses=responses,
     )
+    result = evaluate.accuracies(scores)
     assert result == pytest.approx({"gsm8k": 0.5, "boolq": 2 / 3, "average": (0.5 + 2 / 3) / 2})
-    assert responses["gsm8k"] == [text, text]
-    assert scoring.extract_answer("gsm8k", responses["gsm8k"][0]) == 7.0
+    responses = scores["gsm8k"].responses
+    assert responses == [text, text]
+    assert scoring.extract_answer("gsm8k", responses[0]) == 7.0
+    assert scores["boolq"].likelihood is None and scores["boolq"].metrics()["protocol_acc"] == 2 / 3
 
 
 # --------------------------------------------------------------------- end to end
