@@ -22,7 +22,7 @@ from typing import Any
 from genlora_jax import analysis, checkpoint, methods, peft, sharding
 from genlora_jax._count import compare_methods, count_params, summary
 from genlora_jax._guard import AdapterNotAppliedError
-from genlora_jax._intercept import adapted, apply
+from genlora_jax._intercept import adapted, apply, pregenerate
 from genlora_jax._masking import optimizer, trainable_mask
 from genlora_jax._merge import inference_params, merge, unmerge
 from genlora_jax._precision import cast_base
@@ -69,6 +69,7 @@ __all__ = [
     "named_adapters",
     "optimizer",
     "peft",
+    "pregenerate",
     "sharding",
     "split",
     "summary",

@@ -9,20 +9,31 @@ same code serves plain, remat-ed and scanned layers, under `jax.jit` and
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from genlora_jax import _guard
-from genlora_jax._tree import ADAPTER_KEY, model_params, path_str, w_layout
+from genlora_jax._tree import (
+    ADAPTER_KEY,
+    Params,
+    flat,
+    is_adapter,
+    model_params,
+    path_str,
+    unflat,
+    w_layout,
+)
 from genlora_jax._wrap import check_rng
-from genlora_jax.methods.base import Adapter
+from genlora_jax.methods.base import Adapter, Factors, LowRankAdapter
 
 _ACTIVE = threading.local()
 
@@ -106,11 +117,54 @@ def adapted(*, rng: PRNGKeyArray | None = None, enabled: bool = True) -> Iterato
         yield
 
 
+def pregenerate(params: Mapping) -> Params:
+    """Every generated adapter (GenLoRA) replaced by its `Factors`, computed
+    in one batched call per group of adapters of equal config and shapes.
+
+    Per module, GenLoRA's factors are a few dozen tiny ops; a Llama with q/k/v
+    targets has ~90 such modules, so generating them inside each module call
+    makes a large program that compiles slowly. Stacking the adapters of each
+    group and `jax.vmap`-ing the generator gives one small program per group
+    (on SmolLM2: 2 groups, q and k/v). The result is the same function of the
+    adapters' arrays, so gradients flow back to the latents and generators.
+    `apply` does this by default; call it yourself when you enter `adapted`
+    directly: ``model(..., params=model_params(pregenerate(params)))``.
+
+    Args:
+        params: a wrapped tree (or `model_params` of one).
+
+    Returns:
+        The tree with `Factors` in place of generated adapters; other leaves
+        unchanged.
+    """
+    leaves = flat(params)
+    groups: dict[tuple, list[tuple]] = collections.defaultdict(list)
+    for key, leaf in leaves.items():
+        if is_adapter(key, leaf) and isinstance(leaf, LowRankAdapter) and leaf.generated:
+            kernel = leaves.get((*key[:-1], "kernel"))
+            layer_axes = 0 if kernel is None else kernel.ndim - 2
+            shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(leaf))
+            groups[(jax.tree.structure(leaf), shapes, layer_axes)].append(key)
+    for (_, _, layer_axes), keys in groups.items():
+        nodes = [leaves[key] for key in keys]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *nodes)
+        generate = lambda adapter: adapter.factors()
+        for _ in range(layer_axes + 1):
+            generate = jax.vmap(generate)
+        b, a = generate(stacked)
+        for i, (key, node) in enumerate(zip(keys, nodes, strict=True)):
+            leaves[key] = Factors(
+                config=node.config, kernel_transposed=node.kernel_transposed, a=a[i], b=b[i]
+            )
+    return unflat(leaves)
+
+
 def apply(
     model: Any,
     params: dict,
     *args: Any,
     adapter_rng: PRNGKeyArray | None = None,
+    batch_generators: bool = True,
     **kwargs: Any,
 ) -> Any:
     """Calls ``model`` with adapted ``params``.
@@ -122,13 +176,16 @@ def apply(
         params: a tree returned by `wrap` (or `join`).
         *args: model inputs.
         adapter_rng: enables adapter dropout; None for evaluation.
+        batch_generators: compute generated factors (GenLoRA) for all modules
+            in one batched call per group (`pregenerate`) instead of inside
+            each module call; the same numbers, a smaller program.
         **kwargs: passed to the model (``attention_mask``, ``train``,
             ``dropout_rng`` for the model's own dropout, ...).
 
     Returns:
         Whatever the model returns.
     """
-    tree = model_params(params)
+    tree = model_params(pregenerate(params) if batch_generators else params)
     with adapted(rng=adapter_rng):
         if isinstance(model, nn.Module):
             return model.apply({"params": tree}, *args, **kwargs)

@@ -24,6 +24,7 @@ from genlora_jax.methods.aurora import AuroRAConfig, AuroRAParams
 from genlora_jax.methods.base import (
     Adapter,
     AdapterConfig,
+    Factors,
     LowRankAdapter,
     lora_factors,
     low_rank_delta,
@@ -89,6 +90,7 @@ __all__ = [
     "AuroRAParams",
     "DoRAConfig",
     "DoRAParams",
+    "Factors",
     "GenLoRAConfig",
     "GenLoRAParams",
     "HiRAConfig",

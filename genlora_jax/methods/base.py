@@ -174,7 +174,14 @@ class LowRankAdapter(Adapter):
     """An adapter whose update is ΔW = s · B A with B (m, r), A (r, n).
 
     The forward never forms ΔW: y + s · ((x A ᵀ) Bᵀ) costs r·(m + n) per token.
+
+    Methods whose factors are computed from their arrays (GenLoRA's
+    generators) set ``generated = True``: `genlora_jax.apply` then computes
+    the factors of all such adapters of equal shape in one batched call per
+    step (`pregenerate`), and the modules run on `Factors`.
     """
+
+    generated: ClassVar[bool] = False
 
     @abc.abstractmethod
     def factors(self) -> tuple[Float[Array, "m r"], Float[Array, "r n"]]:
@@ -196,6 +203,19 @@ class LowRankAdapter(Adapter):
         b, a = self.factors()
         h = input_dropout(x, self.config.dropout, rng) @ a.T.astype(x.dtype)
         return y + (h @ (self.config.scale * b).T.astype(h.dtype)).astype(y.dtype)
+
+
+class Factors(LowRankAdapter):
+    """Factors computed ahead of the model call from a generated adapter (see
+    `LowRankAdapter.generated`); the same forward, scale and dropout as the
+    adapter they came from, whose config they keep. Attributes: a (r, n), b (m, r).
+    """
+
+    a: Float[Array, "r n"]
+    b: Float[Array, "m r"]
+
+    def factors(self):
+        return self.b, self.a
 
 
 def low_rank_delta(

@@ -110,6 +110,8 @@ class GenLoRAParams(LowRankAdapter):
     z_b: Float[Array, " m"]
     theta_b: Float[Array, "r G K+1"]
 
+    generated: ClassVar[bool] = True
+
     def frozen_fields(self):
         cfg = self.config
         return frozenset(

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,8 @@ def test_optimizer_state_follows_the_adapter_shardings(key):
 
 def test_train_step_on_eight_devices_matches_one_device():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    tests = str(Path(__file__).resolve().parents[1])  # conftest's folder
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
