@@ -49,12 +49,12 @@ import optax
 import genlora_jax as gl
 from experiments import data as data_lib
 from experiments.cli import (
+    add_sweep_args,
     command_line,
     count,
     job_folder,
     markdown_table,
     parse_sweep_args,
-    positive_float,
     positive_int,
     results_recorder,
 )
@@ -293,27 +293,20 @@ def parse_args(argv=None):
     parser.add_argument(
         "--data", default=None, help="data root (default: $GENLORA_DATA or ../shared/data)"
     )
-    parser.add_argument("--train-examples", type=count, default=4000, help="0 = all")
-    parser.add_argument(
-        "--val-examples",
-        type=count,
-        default=1000,
-        help="training rows held out to choose the learning rate",
+    add_sweep_args(
+        parser,
+        train_examples=4000,
+        train_help="0 = all",
+        val_examples=1000,
+        val_help="training rows held out to choose the learning rate",
+        lr_help="one rate for every method, or a grid to sweep per method\n"
+        "(default: each method's rate for the task in LEARNING_RATES)",
     )
     parser.add_argument("--dev-examples", type=count, default=0, help="0 = the whole dev split")
     parser.add_argument("--epochs", type=positive_int, default=1)
     parser.add_argument("--steps", type=count, default=0, help="overrides --epochs")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--max-len", type=positive_int, default=64)
-    parser.add_argument(
-        "--lr",
-        type=positive_float,
-        nargs="+",
-        default=None,
-        help="one rate for every method, or a grid to sweep per method\n"
-        "(default: each method's rate for the task in LEARNING_RATES)",
-    )
-    parser.add_argument("--seeds", type=count, nargs="+", default=[0])
     parser.add_argument(
         "--group-by-length",
         action=argparse.BooleanOptionalAction,

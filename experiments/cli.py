@@ -52,6 +52,24 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_sweep_args(
+    parser: argparse.ArgumentParser,
+    *,
+    train_examples: int,
+    train_help: str,
+    val_examples: int,
+    val_help: str,
+    lr_help: str | None = None,
+) -> None:
+    """The arguments every learning-rate-sweeping job shares: the training and
+    validation slices, ``--lr`` (one rate or a grid), ``--seeds``; check them
+    with `parse_sweep_args`."""
+    parser.add_argument("--train-examples", type=count, default=train_examples, help=train_help)
+    parser.add_argument("--val-examples", type=count, default=val_examples, help=val_help)
+    parser.add_argument("--lr", type=positive_float, nargs="+", default=None, help=lr_help)
+    parser.add_argument("--seeds", type=count, nargs="+", default=[0])
+
+
 def parse_sweep_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parses ``argv`` and stops with a usage error on repeated ``--seeds``, or
     on a ``--lr`` grid without ``--val-examples`` to choose on (the jobs of

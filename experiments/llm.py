@@ -55,12 +55,12 @@ from experiments import choice, evaluate
 from experiments import data as data_lib
 from experiments.classify import select_lr
 from experiments.cli import (
+    add_sweep_args,
     command_line,
     count,
     job_folder,
     markdown_table,
     parse_sweep_args,
-    positive_float,
     positive_int,
     results_recorder,
 )
@@ -243,20 +243,18 @@ def parse_args(argv=None):
         "--methods", nargs="+", default=DEFAULT_METHODS, choices=list(SMOLLM2_METHODS)
     )
     parser.add_argument("--data", default=None, help="data root (default: $GENLORA_DATA)")
-    parser.add_argument("--train-examples", type=count, default=800, help="0 = all the rest")
-    parser.add_argument(
-        "--val-examples",
-        type=count,
-        default=200,
-        help="training questions held out to choose the learning rate",
+    add_sweep_args(
+        parser,
+        train_examples=800,
+        train_help="0 = all the rest",
+        val_examples=200,
+        val_help="training questions held out to choose the learning rate",
     )
     parser.add_argument("--test-examples", type=count, default=300, help="0 = the whole test")
     parser.add_argument("--steps", type=positive_int, default=100)
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--warmup", type=count, default=10)
     parser.add_argument("--cutoff", type=positive_int, default=256, help="max training tokens")
-    parser.add_argument("--lr", type=positive_float, nargs="+", default=None)
-    parser.add_argument("--seeds", type=count, nargs="+", default=[0])
     parser.add_argument("--scoring", choices=evaluate.SCORING_MODES, default="likelihood")
     parser.add_argument("--train-format", choices=["option", "llm-adapters"], default="option")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
