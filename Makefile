@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install install-test train train-llm test test-all bench lint
+.PHONY: install install-test train train-llm test test-all bench bench-suite lint
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -47,5 +47,11 @@ test: lint
 test-all: lint
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# every candidate in its own process (SmolLM2 and MiniLM, PEFT peers, decoding);
+# about 45 min on 2 cores at the defaults; ARGS="--rounds 2 --steps 4" for a look
 bench: install-test
-	$(BIN)/python -m benchmarks.suite $(ARGS)
+	$(BIN)/python -m benchmarks.isolated --out BENCHMARKS.md $(ARGS)
+
+# the per-method MiniLM table (all baselines), timed round-robin in one process
+bench-suite: install-test
+	$(BIN)/python -m benchmarks.suite --out BENCHMARKS.md $(ARGS)

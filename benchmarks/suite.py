@@ -242,13 +242,16 @@ def machine() -> str:
     )
 
 
-def write(path: Path, table: str) -> None:
-    """Replaces the marked block of ``path`` (or the whole file) with ``table``."""
-    block = f"{BEGIN}\n{table}\n{END}"
+def write(path: Path, table: str, *, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the block between ``begin`` and ``end`` in ``path`` with ``table``;
+    appends the marked block when the file has none (creates the file if needed)."""
+    block = f"{begin}\n{table}\n{end}"
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        block = head + block + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        block = head + block + rest.split(end, 1)[1]
+    elif text:
+        block = text.rstrip("\n") + "\n\n" + block
     path.write_text(block if block.endswith("\n") else block + "\n")
 
 

@@ -59,3 +59,55 @@ def test_unknown_method_names_the_choices(capsys):
     with pytest.raises(SystemExit):
         suite.main(["--methods", "LoRA r=9"])
     assert "choose from" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- benchmarks.isolated
+
+
+def test_ratio_interval_is_the_geometric_mean_with_a_t_interval():
+    from benchmarks.isolated import ratio_interval
+
+    mean, lo, hi = ratio_interval([1.0, 1.0, 1.0])
+    assert (mean, lo, hi) == (1.0, 1.0, 1.0)
+    mean, lo, hi = ratio_interval([0.9, 1.1])
+    assert mean == pytest.approx(math.sqrt(0.99))
+    # two rounds: t(0.975, 1) = 12.71 times the standard error of the log ratios
+    half = 12.71 * abs(math.log(1.1) - math.log(0.9)) / math.sqrt(2) / math.sqrt(2)
+    assert math.log(hi / mean) == pytest.approx(half)
+    assert lo < 0.9 < 1.1 < hi
+    assert math.isnan(ratio_interval([1.2])[1])
+
+
+def test_isolated_table_names_every_ratio_and_whether_its_target_is_met():
+    from benchmarks.isolated import render
+
+    def rows(*ms):
+        return [{"median_s": m / 1e3, "compile_s": 2.0, "peak_rss_mib": 100.0} for m in ms]
+
+    table = render(
+        {
+            "minilm/lora-r8": rows(100, 102, 98),
+            "minilm/genlora-r8g16": rows(100, 101, 99),  # ratio ~1.0: met
+            "minilm/genlora-r64g16": rows(120, 125, 118),  # ~1.21: not met
+        },
+        header="- test",
+    )
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if "` / `" in line}
+    assert set(lines) == {
+        "`minilm/genlora-r8g16` / `minilm/lora-r8`",
+        "`minilm/genlora-r64g16` / `minilm/lora-r8`",
+    }
+    assert "| yes" in lines["`minilm/genlora-r8g16` / `minilm/lora-r8`"]
+    assert "**no**" in lines["`minilm/genlora-r64g16` / `minilm/lora-r8`"]
+    assert "| `minilm/lora-r8` | jax step, LoRA r=8 | 100 (98–102) | 2.0 (2.0–2.0) | 100 |" in (
+        table.replace("100 (100–100)", "100")
+    )
+
+
+def test_an_isolated_child_reports_its_measurements():
+    """One real child process (MiniLM LoRA, 1 call): the protocol, not the speed."""
+    from benchmarks.isolated import run_child
+
+    row = run_child("minilm/lora-r8", warmup=0, steps=1, timeout=300)
+    assert row["name"] == "minilm/lora-r8"
+    assert row["median_s"] > 0 and row["compile_s"] > 0 and row["peak_rss_mib"] > 50
