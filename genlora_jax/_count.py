@@ -13,6 +13,7 @@ from genlora_jax._tree import Site, flat, is_adapter, is_extra, path_str, sites
 from genlora_jax._wrap import wrap
 from genlora_jax.methods.base import AdapterConfig
 from genlora_jax.methods.lora import LoRAConfig
+from genlora_jax.quant import QuantizedKernel
 
 
 class ParamCount(NamedTuple):
@@ -48,8 +49,11 @@ def count_params(params: Mapping) -> ParamCount:
     trainable = frozen = 0
     per_module: dict[str, int] = {}
     for key, leaf in flat(params).items():
-        sizes = jax.tree.leaves(jax.tree.map(_size, leaf))
-        flags = jax.tree.leaves(mask[key])
+        if isinstance(leaf, QuantizedKernel):  # frozen; counted as the numbers it holds
+            sizes, flags = [math.prod(leaf.shape)], [False]
+        else:
+            sizes = jax.tree.leaves(jax.tree.map(_size, leaf))
+            flags = jax.tree.leaves(mask[key])
         live = sum(s for s, t in zip(sizes, flags, strict=True) if t)
         trainable += live
         frozen += sum(sizes) - live

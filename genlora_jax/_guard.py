@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import flax.linen as nn
 
 from genlora_jax._tree import ADAPTER_KEY
+from genlora_jax.quant import QuantizedKernel
 
 _STATE = threading.local()
 
@@ -59,6 +60,19 @@ def _guard(next_fun, args, kwargs, context):
             "params, ...)` (or the model inside `with genlora_jax.adapted():`), or merge "
             "first: `model(..., params=genlora_jax.merge(params))`. For the base model alone "
             "pass `genlora_jax.split(params)[0]`."
+        )
+    if (
+        context.method_name == "__call__"
+        and _depth() == 0
+        and module.scope is not None
+        and module.has_variable("params", "kernel")
+        and isinstance(module.get_variable("params", "kernel"), QuantizedKernel)
+    ):
+        path = "/".join(str(p) for p in module.path)
+        raise AdapterNotAppliedError(
+            f"{path} holds a quantized kernel, which the model cannot use by itself. Call "
+            "`genlora_jax.apply(model, params, ...)` (it dequantizes), or dequantize first: "
+            "`genlora_jax.quant.dequantize_base(params)`."
         )
     return next_fun(*args, **kwargs)
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from genlora_jax import _guard
+from genlora_jax import _guard, quant
 from genlora_jax._tree import (
     ADAPTER_KEY,
     Params,
@@ -34,6 +34,7 @@ from genlora_jax._tree import (
 )
 from genlora_jax._wrap import check_rng
 from genlora_jax.methods.base import Adapter, Factors, LowRankAdapter
+from genlora_jax.quant import QuantizedKernel
 
 _ACTIVE = threading.local()
 
@@ -62,30 +63,50 @@ def _check_orientation(module: nn.Module, adapter: Adapter, x: jax.Array, w0: ja
         )
 
 
+def _quantized_kernel(module: nn.Module) -> QuantizedKernel | None:
+    if not module.has_variable("params", "kernel"):
+        return None
+    kernel = module.get_variable("params", "kernel")
+    if not isinstance(kernel, QuantizedKernel):
+        return None
+    if not isinstance(module, nn.Dense):
+        raise TypeError(
+            f"{path_str(module.path)}: a quantized kernel in a {type(module).__name__}; "
+            "genlora_jax dequantizes the kernels of nn.Dense modules only. Leave this module "
+            "in float (quantize_base(..., skip=(name,)))."
+        )
+    return kernel
+
+
 def _interceptor(rng: PRNGKeyArray | None):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        if (
-            context.method_name != "__call__"
-            or module.scope is None
-            or not module.has_variable("params", ADAPTER_KEY)
-            or id(module) in _active()
-        ):
+        if context.method_name != "__call__" or module.scope is None or id(module) in _active():
             return next_fun(*args, **kwargs)
+        quantized = _quantized_kernel(module)
+        if quantized is None and not module.has_variable("params", ADAPTER_KEY):
+            return next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        has_bias = module.has_variable("params", "bias")
+        bias = module.get_variable("params", "bias") if has_bias else None
+        if quantized is not None:  # the base output from the dequantized weight
+            y = quant.dense(x, quantized, bias, module.dtype, module.precision)
+        else:
+            _active().add(id(module))  # re-entrant calls (super().__call__) see the base
+            try:
+                y = next_fun(*args, **kwargs)
+            finally:
+                _active().discard(id(module))
+        if not module.has_variable("params", ADAPTER_KEY):
+            return y
         adapter = module.get_variable("params", ADAPTER_KEY)
         if not isinstance(adapter, Adapter):
             raise TypeError(f"{path_str(module.path)}: {ADAPTER_KEY!r} is not an Adapter.")
-        _active().add(id(module))  # re-entrant calls (super().__call__) see the base
-        try:
-            y = next_fun(*args, **kwargs)
-        finally:
-            _active().discard(id(module))
         kernel = module.get_variable("params", "kernel")
-        w0 = w_layout(kernel, adapter.kernel_transposed)
-        x = args[0] if args else kwargs["inputs"]
+        w0 = w_layout(
+            kernel if quantized is None else quantized.dequantize(), adapter.kernel_transposed
+        )
         _check_orientation(module, adapter, x, w0)
-        has_bias = module.has_variable("params", "bias")
-        bias = module.get_variable("params", "bias") if has_bias else None
         key = None
         if rng is not None:
             key = jax.random.fold_in(rng, zlib.crc32(path_str(module.path).encode()))

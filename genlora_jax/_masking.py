@@ -30,8 +30,9 @@ def trainable_mask(params: Any) -> Any:
         if isinstance(leaf, Adapter):
             frozen = leaf.frozen_fields()
             out[key] = leaf.replace(**{f: f not in frozen for f in _array_fields(leaf)})
-        else:
-            out[key] = is_adapter_state(key)
+        else:  # an array, or a node of arrays (a quantized kernel)
+            flag = is_adapter_state(key)
+            out[key] = jax.tree.map(lambda _, flag=flag: flag, leaf)
     return unflat(out)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import warnings
 from collections.abc import Mapping
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from genlora_jax import _guard
 from genlora_jax._tree import Params, Site, flat, model_params, plain_params, sites, unflat
 from genlora_jax.methods.base import Adapter
+from genlora_jax.quant import QuantizedKernel
 
 # Digest of a merged kernel → digests of the adapters merged into it (newest last).
 _MERGED: collections.OrderedDict[bytes, set[bytes]] = collections.OrderedDict()
@@ -73,6 +75,9 @@ def _record(kernel: bytes, adapter: bytes) -> None:
 def merge(params: Mapping) -> Params:
     """Plain params of the original structure, with every kernel W0 + ΔW.
 
+    Quantized kernels (`genlora_jax.quant`) come back dequantized, with a
+    warning: the merged tree is float (each kernel in its ``dtype``).
+
     The result needs no interceptor: ``model(..., params=merge(params))``.
     ΔW is computed in float32 and the sum is cast to the kernel's dtype.
     Outside `jax.jit`, each merged kernel is recorded (a digest of its values
@@ -84,6 +89,14 @@ def merge(params: Mapping) -> Params:
             activations, e.g. AuroRA).
     """
     out = plain_params(params)
+    quantized = [key for key, leaf in out.items() if isinstance(leaf, QuantizedKernel)]
+    if quantized:
+        warnings.warn(
+            f"merge dequantizes the {len(quantized)} quantized kernels of this tree (W0 + ΔW "
+            "is not in the block format); the merged tree is float.",
+            stacklevel=2,
+        )
+        out.update({key: out[key].dequantize() for key in quantized})
     for site in sites(params):
         if not site.adapter.mergeable:
             raise ValueError(

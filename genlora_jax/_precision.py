@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import DTypeLike
 
 from genlora_jax._tree import Params, flat, is_adapter_state, unflat
+from genlora_jax.quant import QuantizedKernel
 
 
 def cast_base(params: Mapping, dtype: DTypeLike = jnp.bfloat16) -> Params:
@@ -46,7 +47,9 @@ def cast_base(params: Mapping, dtype: DTypeLike = jnp.bfloat16) -> Params:
     """
     out = {}
     for key, leaf in flat(params).items():
-        if not is_adapter_state(key) and jnp.issubdtype(leaf.dtype, jnp.floating):
+        if isinstance(leaf, QuantizedKernel):  # stays packed; dequantizes to ``dtype``
+            leaf = leaf.replace(dtype=jnp.dtype(dtype))
+        elif not is_adapter_state(key) and jnp.issubdtype(leaf.dtype, jnp.floating):
             leaf = leaf.astype(dtype)
         out[key] = leaf
     return unflat(out)

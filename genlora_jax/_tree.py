@@ -124,11 +124,14 @@ class Site:
         return m, n
 
     def w0(self) -> Float[Array, "*layers m n"]:
-        """The base weight W0 (…, m, n) in float32."""
-        return w_layout(self.kernel, self.adapter.kernel_transposed).astype(jnp.float32)
+        """The base weight W0 (…, m, n) in float32 (dequantized if the kernel is
+        a `genlora_jax.quant.QuantizedKernel`)."""
+        kernel = self.kernel.dequantize() if hasattr(self.kernel, "dequantize") else self.kernel
+        return w_layout(kernel, self.adapter.kernel_transposed).astype(jnp.float32)
 
     def with_w(self, w: Float[Array, "*layers m n"]) -> Array:
-        """``w`` stored as this site's kernel: its layout and its dtype."""
+        """``w`` stored as this site's kernel: its layout and its dtype (for a
+        quantized kernel, the dtype it dequantizes to)."""
         return w_layout(w, self.adapter.kernel_transposed).astype(self.kernel.dtype)
 
     def per_layer(self, fn: Callable[[Adapter, Array], Any]) -> Any:

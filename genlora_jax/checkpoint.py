@@ -34,6 +34,7 @@ from jaxtyping import PRNGKeyArray
 
 from genlora_jax._tree import Params, Site, flat, leaf_paths, sites, split, unflat
 from genlora_jax._wrap import join
+from genlora_jax.quant import QuantizedKernel
 
 FORMAT = "genlora_jax.adapter_checkpoint/1"
 # Leading values of each adapted kernel kept as the base fingerprint; compared
@@ -101,6 +102,8 @@ def _config_json(site: Site) -> dict[str, Any]:
 def _sample(kernel: Any) -> list[float] | None:
     if isinstance(kernel, jax.ShapeDtypeStruct):
         return None
+    if isinstance(kernel, QuantizedKernel):
+        kernel = kernel.dequantize()
     first_row = kernel[(0,) * (kernel.ndim - 1)]  # of the first layer, for stacked kernels
     return np.asarray(first_row[:_SAMPLE], np.float32).tolist()
 

