@@ -150,6 +150,7 @@ def run_one(method, lr, seed, args, model, base, tokenizer, splits, evaluate_val
     out = Path(args.out) / (
         f"{args.task}-{method}-lr{lr:g}-seed{seed}-steps{args.steps}-b{args.batch_size}"
         f"-n{len(train_records)}-{args.train_format}-c{args.cutoff}-{args.dtype}"
+        + ("" if args.base == "float" else f"-{args.base}")
     )
     row: dict[str, Any] = {
         "task": args.task,
@@ -258,6 +259,13 @@ def parse_args(argv=None):
     parser.add_argument("--scoring", choices=evaluate.SCORING_MODES, default="likelihood")
     parser.add_argument("--train-format", choices=["option", "llm-adapters"], default="option")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--base",
+        choices=["float", "q4", "nf4"],
+        default="float",
+        help="the frozen base: float (dequantized to --dtype), q4 (the file's Q4_1/Q8_0\n"
+        "blocks kept), nf4 (re-quantized to NF4); adapters stay float32",
+    )
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot row")
     parser.add_argument("--checkpoint-every", type=count, default=0)
     parser.add_argument("--out", default="runs/llm")
@@ -274,7 +282,11 @@ def main(argv=None) -> dict:
     try:
         train_all = load_records(root, args.task, "train")
         test = load_records(root, args.task, "test")
-        model, base, tokenizer = load_gguf(args.model, dtype=jnp.dtype(args.dtype))
+        model, base, tokenizer = load_gguf(
+            args.model, dtype=jnp.dtype(args.dtype), quantized=args.base == "q4"
+        )
+        if args.base == "nf4":
+            base = gl.quant.quantize_base(base)
         train_records, val_records = split_train(train_all, args.train_examples, args.val_examples)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
@@ -338,6 +350,7 @@ def main(argv=None) -> dict:
         "command": command,
         "model": args.model,
         "dtype": args.dtype,
+        "base": args.base,
         "train_examples": len(train_records),
         "val_examples": len(val_records),
         "test_examples": len(test),
