@@ -21,6 +21,9 @@ Candidates (``CANDIDATES``):
   generates factors inside every module call (``batch_generators=False``),
   the 0.1 behaviour; ``peft-lora-r8`` is PEFT in torch on the same GGUF
   (transformers' torch GGUF loader), eval mode, AdamW.
+- ``smollm2/genlora-r8g16-q4`` / ``-nf4``: the same GenLoRA step on a base
+  kept in the file's Q4_1/Q8_0 blocks, or re-quantized to NF4
+  (`genlora_jax.quant`), dequantized inside the step.
 - ``minilm/*``: MiniLM-L6 (BERT) with a two-label head, batch 32 × 64, the
   steps of `benchmarks.suite` (classifier trained too), PEFT as its peer.
 - ``smollm2/decode-*``: greedy KV-cached decoding of 8 prompts × 32 new
@@ -54,6 +57,8 @@ CANDIDATES = {
     "smollm2/genlora-r8g16": "jax step, GenLoRA r=8 G=16 (batched generators)",
     "smollm2/genlora-r8g16-per-module": "jax step, GenLoRA r=8 G=16 (generated per module)",
     "smollm2/genlora-r64g16": "jax step, GenLoRA r=64 G=16",
+    "smollm2/genlora-r8g16-q4": "jax step, GenLoRA r=8 G=16, base kept in its Q4_1/Q8_0 blocks",
+    "smollm2/genlora-r8g16-nf4": "jax step, GenLoRA r=8 G=16, base in NF4",
     "smollm2/peft-lora-r8": "torch step, PEFT LoRA r=8",
     "smollm2/decode-jax": "jax greedy decode, tokens/s",
     "smollm2/decode-torch": "torch greedy decode, tokens/s",
@@ -70,10 +75,17 @@ RATIOS = [
     ("smollm2/lora-r8", "smollm2/peft-lora-r8", None),
     ("smollm2/genlora-r8g16", "smollm2/peft-lora-r8", None),
     ("smollm2/decode-jax", "smollm2/decode-torch", None),
+    ("smollm2/genlora-r8g16-q4", "smollm2/genlora-r8g16", 1.3),
+    ("smollm2/genlora-r8g16-nf4", "smollm2/genlora-r8g16", 1.3),
     ("minilm/genlora-r8g16", "minilm/lora-r8", 1.01),
     ("minilm/genlora-r64g16", "minilm/lora-r8", 1.03),
     ("minilm/lora-r8", "minilm/peft-lora-r8", None),
     ("minilm/genlora-r8g16", "minilm/peft-lora-r8", None),
+]
+# (numerator, denominator, target): ratios of peak RSS.
+RSS_RATIOS = [
+    ("smollm2/genlora-r8g16-q4", "smollm2/genlora-r8g16", 0.45),
+    ("smollm2/genlora-r8g16-nf4", "smollm2/genlora-r8g16", 0.45),
 ]
 BEGIN, END = "<!-- isolated:begin -->", "<!-- isolated:end -->"
 # t quantiles (0.975) for 1..30 degrees of freedom, for the ratio intervals.
@@ -116,7 +128,7 @@ def _smollm2_batch():
     return ids.astype(np.int32), np.ones((batch, seq), np.int32)
 
 
-def _smollm2_jax_step(method: str, batch_generators: bool):
+def _smollm2_jax_step(method: str, batch_generators: bool, base_format: str = "float"):
     import jax
     import jax.numpy as jnp
     import optax
@@ -126,7 +138,9 @@ def _smollm2_jax_step(method: str, batch_generators: bool):
     from benchmarks.methods import method_config
     from genlora_jax.models import load_gguf
 
-    model, base, _ = load_gguf("smollm2", dtype=jnp.float32)
+    model, base, _ = load_gguf("smollm2", dtype=jnp.float32, quantized=base_format == "q4")
+    if base_format == "nf4":
+        base = gl.quant.quantize_base(base)
     params = gl.wrap(base, ["q_proj", "k_proj", "v_proj"], method_config(method))
     base, adapters = gl.split(params)
     tx = gl.optimizer(optax.adamw(1e-4))
@@ -264,7 +278,9 @@ def build(name: str):
         return _minilm_peft_step()
     if model == "smollm2":
         per_module = method.endswith("-per-module")
-        return _smollm2_jax_step(method.removesuffix("-per-module"), not per_module)
+        base_format = next((f for f in ("q4", "nf4") if method.endswith(f"-{f}")), "float")
+        method = method.removesuffix("-per-module").removesuffix(f"-{base_format}")
+        return _smollm2_jax_step(method, not per_module, base_format)
     return _minilm_step(method)
 
 
@@ -360,6 +376,18 @@ def render(rows: dict[str, list[dict]], *, header: str) -> str:
             f"| `{num}` / `{den}` | {mean:.3f} | {interval} | "
             f"{'–' if target is None else f'≤ {target}'} | {met} |"
         )
+    rss = [(n, d, target) for n, d, target in RSS_RATIOS if n in rows and d in rows]
+    if rss:
+        lines += ["", "| ratio of peak RSS | geometric mean | 95 % interval | target | met |"]
+        lines += ["|---|---|---|---|---|"]
+    for num, den, target in rss:
+        per_round = [
+            a["peak_rss_mib"] / b["peak_rss_mib"] for a, b in zip(rows[num], rows[den], strict=True)
+        ]
+        mean, lo, hi = ratio_interval(per_round)
+        interval = "–" if math.isnan(lo) else f"{lo:.3f}–{hi:.3f}"
+        met = "yes" if mean <= target else "**no**"
+        lines.append(f"| `{num}` / `{den}` | {mean:.3f} | {interval} | ≤ {target} | {met} |")
     return "\n".join(lines)
 
 
