@@ -31,3 +31,12 @@ def test_gguf_fine_tuning_block_runs():
         576,
         576,
     )
+
+
+@pytest.mark.lenient
+def test_quantized_base_block_runs():
+    """The README's 4-bit block: SmolLM2 kept in its GGUF blocks, adapted, called."""
+    namespace = _run_block("## A 4-bit base (QLoRA-style)")
+    kernel = namespace["base"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert kernel.kind == "q4_1"
+    assert namespace["logits"].shape[-1] == 49152
