@@ -20,7 +20,7 @@ import warnings
 from typing import Any
 
 from genlora_jax import analysis, checkpoint, methods, peft, sharding
-from genlora_jax._count import compare_methods, count_params, summary
+from genlora_jax._count import ParamCount, compare_methods, count_params, summary
 from genlora_jax._guard import AdapterNotAppliedError
 from genlora_jax._intercept import adapted, apply, pregenerate
 from genlora_jax._masking import optimizer, trainable_mask
@@ -53,6 +53,7 @@ __all__ = [
     "LoRAConfig",
     "LoRANConfig",
     "MELoRAConfig",
+    "ParamCount",
     "adapted",
     "analysis",
     "apply",

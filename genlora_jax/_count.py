@@ -9,9 +9,9 @@ from typing import Any, NamedTuple
 import jax
 
 from genlora_jax._masking import trainable_mask
-from genlora_jax._tree import Site, flat, is_adapter, is_extra, path_str, sites
+from genlora_jax._tree import flat, is_adapter, is_extra, named_adapters, path_str, sites
 from genlora_jax._wrap import wrap
-from genlora_jax.methods.base import AdapterConfig
+from genlora_jax.methods.base import Adapter, AdapterConfig
 from genlora_jax.methods.lora import LoRAConfig
 from genlora_jax.quant import QuantizedKernel
 
@@ -67,11 +67,9 @@ def count_params(params: Mapping) -> ParamCount:
     return ParamCount(trainable, frozen, per_module)
 
 
-def _shapes(site: Site) -> str:
+def _shapes(adapter: Adapter) -> str:
     """The adapter's array fields and their shapes, e.g. 'a(8, 64) b(32, 8)'."""
-    return " ".join(
-        f"{k}{tuple(v.shape)}" for k, v in vars(site.adapter).items() if hasattr(v, "shape")
-    )
+    return " ".join(f"{k}{tuple(v.shape)}" for k, v in vars(adapter).items() if hasattr(v, "shape"))
 
 
 def _table(rows: list[tuple[str, ...]], columns: int) -> str:
@@ -89,9 +87,8 @@ def summary(params: Mapping) -> str:
     """A text table: one row per adapted module (method, shapes, trainable), and totals."""
     counts = count_params(params)
     rows = [("module", "method", "shapes", "trainable")]
-    for site in sites(params):
-        method = site.adapter.config.method
-        rows.append((site.name, method, _shapes(site), f"{counts.per_module[site.name]:,}"))
+    for name, adapter in named_adapters(params).items():
+        rows.append((name, adapter.config.method, _shapes(adapter), f"{counts.per_module[name]:,}"))
     total = counts.trainable + counts.frozen
     rows.append(("total", "", f"of {total:,}", f"{counts.trainable:,}"))
     return _table(rows, 4)
@@ -135,9 +132,9 @@ def compare_methods(
     reference = counts[lora] if lora else count_params(shapes(LoRAConfig())).trainable
     rows = []
     for name, tree in wrapped.items():
-        site = sites(tree)[0]
+        site = min(sites(tree), key=lambda s: s.path)
         ratio = f"{counts[name] / reference:.3f}"
-        rows.append((name, configs[name].method, f"{counts[name]:,}", ratio, _shapes(site)))
+        rows.append((name, configs[name].method, f"{counts[name]:,}", ratio, _shapes(site.adapter)))
     header = ("method", "kind", "trainable", "vs LoRA" if lora else "vs LoRA r=8")
     m, n = site.shape
     rows.insert(0, (*header, f"shapes of {site.name} (m={m}, n={n})"))

@@ -77,6 +77,13 @@ def is_extra(key: Path, leaf: Any) -> bool:
     return key[0] == ADAPTER_KEY and not isinstance(leaf, Adapter)
 
 
+def kernel_w(kernel: Any, kernel_transposed: bool) -> Array:
+    """A stored kernel as W (…, m, n) in float32, dequantized first when it is a
+    `genlora_jax.quant.QuantizedKernel`."""
+    kernel = kernel.dequantize() if hasattr(kernel, "dequantize") else kernel
+    return w_layout(kernel, kernel_transposed).astype(jnp.float32)
+
+
 def w_layout(array: Any, kernel_transposed: bool) -> Any:
     """A stored kernel as W (…, m, n), or W as a stored kernel: the swap of the
     last two axes for ``nn.Dense`` (it stores W0ᵀ), nothing for ``Conv1D``.
@@ -126,8 +133,7 @@ class Site:
     def w0(self) -> Float[Array, "*layers m n"]:
         """The base weight W0 (…, m, n) in float32 (dequantized if the kernel is
         a `genlora_jax.quant.QuantizedKernel`)."""
-        kernel = self.kernel.dequantize() if hasattr(self.kernel, "dequantize") else self.kernel
-        return w_layout(kernel, self.adapter.kernel_transposed).astype(jnp.float32)
+        return kernel_w(self.kernel, self.adapter.kernel_transposed)
 
     def with_w(self, w: Float[Array, "*layers m n"]) -> Array:
         """``w`` stored as this site's kernel: its layout and its dtype (for a
@@ -143,7 +149,7 @@ class Site:
 
 
 def sites(params: Mapping) -> list[Site]:
-    """Every adapted projection of ``params``, sorted by path."""
+    """Every adapted projection of ``params``, in tree order."""
     leaves = flat(params)
     found = []
     for key, leaf in leaves.items():
@@ -156,7 +162,7 @@ def sites(params: Mapping) -> list[Site]:
                     "`genlora_jax.join(base_params, adapters)`."
                 )
             found.append(Site(key[:-1], kernel, leaf))
-    return sorted(found, key=lambda site: site.path)
+    return found
 
 
 def named_adapters(params: Mapping) -> dict[str, Adapter]:

@@ -153,6 +153,13 @@ def wrap(
     paths = find_targets(params, targets, stacked=stacked)
     _check_overrides(overrides or {}, paths)
     extra = extra_keys(leaves, extra_trainable)
+    frozen_blocks = [key for key in extra if hasattr(leaves[key], "dequantize")]
+    if frozen_blocks:
+        raise ValueError(
+            f"extra_trainable selects {path_str(frozen_blocks[0])}, a quantized kernel, which "
+            "cannot train; keep that module in float (genlora_jax.quant.quantize_base(..., "
+            "skip=(name,))) or dequantize it first."
+        )
     clash = [key for key in extra if key[:-1] in paths]
     if clash:
         raise ValueError(f"{path_str(clash[0])} is both a target and extra_trainable; pick one.")

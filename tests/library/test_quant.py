@@ -75,6 +75,10 @@ def test_quantize_base_leaves_what_it_cannot_block_in_float(base):
     assert gl.quant.nbytes(q) < 0.35 * gl.quant.nbytes(base)
     with pytest.raises(ValueError, match="NF4 only"):
         gl.quant.quantize_base(base, "q4_1")
+    assert gl.quant.quantize_base(q)["up"]["kernel"] is q["up"]["kernel"]  # already blocks
+    bigger_head = gl.quant.quantize_base({"head": {"kernel": jnp.ones((64, 2))}})
+    with pytest.raises(ValueError, match="head/kernel, a quantized kernel, which cannot train"):
+        gl.wrap(bigger_head, ["head"], gl.LoRAConfig(rank=1), extra_trainable=["head/kernel"])
 
 
 def test_a_quantized_base_computes_its_dequantized_model_and_trains(base):
