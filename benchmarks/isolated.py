@@ -34,7 +34,6 @@ Candidates (``CANDIDATES``):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -428,19 +427,13 @@ def main(argv=None) -> str:
     rows = measure(
         names, rounds=args.rounds, warmup=args.warmup, steps=args.steps, timeout=args.timeout
     )
-    from benchmarks.suite import machine, write
+    from benchmarks.suite import run_header, write
 
-    command = " ".join(
-        ["python -m benchmarks.isolated", *(argv if argv is not None else sys.argv[1:])]
-    )
-    header = "\n".join(
-        [
-            f"- command: `{command}`",
-            f"- machine: {machine()}",
-            f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-            f"- setup: each candidate in its own process, {args.rounds} rounds in alternating "
-            f"order; per child {args.warmup} warm-up calls, then the median of {args.steps}",
-        ]
+    header = run_header(
+        "benchmarks.isolated",
+        argv,
+        f"each candidate in its own process, {args.rounds} rounds in alternating order; "
+        f"per child {args.warmup} warm-up calls, then the median of {args.steps}",
     )
     table = render(rows, header=header)
     print(table)

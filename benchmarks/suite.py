@@ -242,6 +242,21 @@ def machine() -> str:
     )
 
 
+def run_header(module: str, argv, setup: str, notes: list[str] = ()) -> str:
+    """The lines above a benchmark table: the command as typed, the machine, the
+    date (UTC) and the setup, then any ``notes``."""
+    command = " ".join([f"python -m {module}", *(argv if argv is not None else sys.argv[1:])])
+    return "\n".join(
+        [
+            f"- command: `{command}`",
+            f"- machine: {machine()}",
+            f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+            f"- setup: {setup}",
+            *notes,
+        ]
+    )
+
+
 def write(path: Path, table: str, *, begin: str = BEGIN, end: str = END) -> None:
     """Replaces the block between ``begin`` and ``end`` in ``path`` with ``table``;
     appends the marked block when the file has none (creates the file if needed)."""
@@ -288,20 +303,14 @@ def main(argv=None) -> str:
         warmup=args.warmup,
         rss=not args.no_rss,
     )
-    command = " ".join(
-        ["python -m benchmarks.suite", *(argv if argv is not None else sys.argv[1:])]
-    )
-    header = "\n".join(
-        [
-            f"- command: `{command}`",
-            f"- machine: {machine()}",
-            f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-            f"- setup: MiniLM-L6, batch {args.batch} × {args.seq}, q/k/v + classifier; "
-            f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up "
-            "round(s); peak RSS per candidate in its own child process"
-            + (" (skipped)" if args.no_rss else ""),
-        ]
-        + ([f"- PyTorch peer skipped: {skipped}"] if skipped else [])
+    header = run_header(
+        "benchmarks.suite",
+        argv,
+        f"MiniLM-L6, batch {args.batch} × {args.seq}, q/k/v + classifier; "
+        f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up "
+        "round(s); peak RSS per candidate in its own child process"
+        + (" (skipped)" if args.no_rss else ""),
+        [f"- PyTorch peer skipped: {skipped}"] if skipped else [],
     )
     table = render(results, header=header)
     print(table)
