@@ -40,8 +40,16 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from jaxtyping import DTypeLike
 from transformers import FlaxLlamaForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers.models.llama.modeling_flax_llama import (
+    FlaxLlamaDecoderLayer,
+    FlaxLlamaForCausalLMModule,
+    FlaxLlamaLayerCollection,
+    FlaxLlamaModule,
+    FlaxLlamaRMSNorm,
+)
 
 from genlora_jax._tree import Params, unflat
 from genlora_jax.quant import QuantizedKernel, from_gguf_blocks
@@ -122,7 +130,11 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
 
 
 def load_gguf(
-    path: str | os.PathLike, *, dtype: DTypeLike = jnp.float32, quantized: bool = False
+    path: str | os.PathLike,
+    *,
+    dtype: DTypeLike = jnp.float32,
+    quantized: bool = False,
+    remat: bool = False,
 ) -> tuple[FlaxLlamaForCausalLM, Params, PreTrainedTokenizerFast]:
     """A Llama GGUF file as a Flax causal LM, its params and its tokenizer.
 
@@ -138,6 +150,9 @@ def load_gguf(
             (the same arithmetic as dequantizing here); other tensors (the
             embedding, norms, other types) are dequantized as usual. Call the
             model through `genlora_jax.apply`.
+        remat: rematerialise every decoder layer in the backward pass
+            (`remat_llama`): the same params and outputs, less memory for a
+            training step, more compute.
 
     Returns:
         ``(model, params, tokenizer)``:
@@ -173,8 +188,9 @@ def load_gguf(
     config = llama_config(reader, path)
     if float(config.rope_theta) != 10000.0:
         patch_llama_rope()
+    model_class = RematLlamaForCausalLM if remat else FlaxLlamaForCausalLM
     with jax.numpy_rank_promotion("allow"):  # the constructor traces transformers' model code
-        model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
+        model = model_class(config, dtype=dtype, _do_init=False)
     params = _params(reader, config, dtype, path, quantized=quantized)
     if quantized:
         kept = [x for x in jax.tree.leaves(params, is_leaf=_is_blocks) if _is_blocks(x)]
@@ -190,6 +206,104 @@ def load_gguf(
         _guard.install()
     tokenizer = gguf_tokenizer(reader, path)
     return model, params, tokenizer
+
+
+# -------------------------------------------------------------------------- remat
+
+
+class _RematLayers(FlaxLlamaLayerCollection):
+    """The decoder layers, each under `nn.remat`: the backward pass keeps a
+    layer's input (B, L, D) and recomputes its inside (attention scores
+    (B, H, L, L), FFN activations (B, L, F), adapter factors) instead of
+    saving them. Param names are those of `FlaxLlamaLayerCollection`."""
+
+    def setup(self):
+        # positional: self 0, hidden 1, mask 2, positions 3, then the static flags
+        layer = nn.remat(FlaxLlamaDecoderLayer, static_argnums=(4, 5, 6))
+        self.blocks = [
+            layer(self.config, dtype=self.dtype, name=str(i))
+            for i in range(self.config.num_hidden_layers)
+        ]
+
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        deterministic: bool = True,
+        init_cache: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = False,
+    ):
+        states = (hidden_states,) if output_hidden_states else None
+        attentions = () if output_attentions else None
+        for block in self.blocks:
+            out = block(
+                hidden_states,
+                attention_mask,
+                position_ids,
+                deterministic,
+                init_cache,
+                output_attentions,
+            )
+            hidden_states = out[0]
+            if output_hidden_states:
+                states += (hidden_states,)
+            if output_attentions:
+                attentions += (out[1],)
+        # FlaxLlamaModule appends the normed last state to the hidden states
+        return hidden_states, states[:-1] if states else None, attentions
+
+
+class _RematLlamaModule(FlaxLlamaModule):
+    """`FlaxLlamaModule` (its setup, with `_RematLayers` for the layers)."""
+
+    def setup(self):
+        self.hidden_size = self.config.hidden_size
+        self.embed_tokens = nn.Embed(
+            self.config.vocab_size,
+            self.hidden_size,
+            embedding_init=jax.nn.initializers.normal(stddev=self.config.initializer_range),
+            dtype=self.dtype,
+        )
+        self.layers = _RematLayers(self.config, dtype=self.dtype)
+        self.norm = FlaxLlamaRMSNorm(self.config, dtype=self.dtype)
+
+
+class _RematLlamaForCausalLMModule(FlaxLlamaForCausalLMModule):
+    """`FlaxLlamaForCausalLMModule` (its setup, with `_RematLlamaModule`)."""
+
+    def setup(self):
+        self.model = _RematLlamaModule(self.config, dtype=self.dtype)
+        self.lm_head = nn.Dense(
+            self.config.vocab_size,
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=jax.nn.initializers.normal(stddev=self.config.initializer_range),
+        )
+
+
+class RematLlamaForCausalLM(FlaxLlamaForCausalLM):
+    """`FlaxLlamaForCausalLM` whose decoder layers are rematerialised in the
+    backward pass (`nn.remat`). The params and outputs are those of
+    `FlaxLlamaForCausalLM`; a training step keeps one (B, L, D) state per
+    layer instead of every activation, at the cost of a second forward pass
+    through each layer. Build it with ``load_gguf(..., remat=True)`` or
+    `remat_llama`."""
+
+    module_class = _RematLlamaForCausalLMModule
+
+
+def remat_llama(model: FlaxLlamaForCausalLM) -> RematLlamaForCausalLM:
+    """``model`` (a `FlaxLlamaForCausalLM`) with rematerialised decoder layers,
+    for the same params; see `RematLlamaForCausalLM`."""
+    if not isinstance(model, FlaxLlamaForCausalLM):
+        raise TypeError(
+            f"remat_llama takes a transformers FlaxLlamaForCausalLM, got {type(model).__name__}."
+        )
+    with jax.numpy_rank_promotion("allow"):
+        return RematLlamaForCausalLM(model.config, dtype=model.dtype, _do_init=False)
 
 
 # --------------------------------------------------------------------------- file

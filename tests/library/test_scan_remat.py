@@ -246,3 +246,49 @@ def test_transformers_bert_with_gradient_checkpointing(key):
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
     assert all(np.abs(np.asarray(g)).max() > 1e-6 for g in jax.tree.leaves(want))
     assert_close(grads, want)
+
+
+@pytest.mark.lenient
+def test_remat_llama_keeps_params_outputs_and_gradients():
+    """`genlora_jax.models.remat_llama`: the Flax Llama with every decoder layer
+    under `nn.remat` takes the same params and gives the same logits, hidden
+    states and adapter gradients; the backward pass saves less (one input per
+    layer instead of its activations), which only `benchmarks.isolated` measures."""
+    from conftest import perturbed, tiny_llama_config
+
+    from genlora_jax.models import RematLlamaForCausalLM, remat_llama
+
+    config = tiny_llama_config(num_hidden_layers=3)
+    plain = tf.FlaxLlamaForCausalLM(config, seed=0)
+    remat = remat_llama(plain)
+    assert isinstance(remat, RematLlamaForCausalLM)
+    assert jax.tree.structure(remat.params_shape_tree) == jax.tree.structure(plain.params)
+    params = perturbed(gl.wrap(plain.params, ["q_proj", "v_proj", "up_proj"], CONFIG), 1, 0.3)
+    base, adapters = gl.split(params)
+    ids = jax.random.randint(jax.random.key(2), (2, 12), 0, config.vocab_size)
+    mask = jnp.ones_like(ids).at[1, 9:].set(0)
+
+    def loss(model):
+        def fn(adapters):
+            out = gl.apply(model, gl.join(base, adapters), ids, attention_mask=mask)
+            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], ids[:, 1:])
+            return jnp.sum(ce * mask[:, 1:]), out.logits
+
+        return jax.jit(jax.value_and_grad(fn, has_aux=True))(adapters)
+
+    (l0, logits0), g0 = loss(plain)
+    (l1, logits1), g1 = loss(remat)
+    assert_f32_close(logits1, logits0, terms=config.intermediate_size, layers=3)
+    assert_f32_close(l1, l0, terms=ids.size * config.vocab_size, layers=3)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        assert_f32_close(a, b, terms=ids.size * config.intermediate_size, layers=3)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0)) > 0
+    hidden = [
+        m(ids, attention_mask=mask, params=plain.params, output_hidden_states=True).hidden_states
+        for m in (plain, remat)
+    ]
+    assert len(hidden[1]) == len(hidden[0]) == config.num_hidden_layers + 1
+    for a, b in zip(hidden[1], hidden[0], strict=True):
+        assert_f32_close(a, b, terms=config.intermediate_size, layers=3)
+    with pytest.raises(TypeError, match="FlaxLlamaForCausalLM"):
+        remat_llama(object())
