@@ -77,13 +77,22 @@ def resolve_train_data(preset: Preset, data: str | None) -> str:
 # --------------------------------------------------------------------------- train
 
 
-def causal_lm_loss(model):
+def causal_lm_loss(model, chunk: int = 0):
     """Mean next-token cross-entropy over the tokens ``loss_mask`` keeps.
 
     Position t predicts ``labels[:, t + 1]`` from ``logits[:, t]``; the mean is
     over the counted tokens of the micro-batch (as Hugging Face's loss), and
     gradient accumulation averages micro-batches.
+
+    Args:
+        model: a `transformers` Flax causal LM.
+        chunk: 0 computes the (B, L, V) logits at once. N > 0 (a Llama only)
+            runs the model without its head and computes the loss N tokens at
+            a time (`chunked_head_loss`): the same value and gradients, and
+            the peak holds one (N, V) slice of logits instead of all of them.
     """
+    if chunk:
+        return _chunked_causal_lm_loss(model, chunk)
 
     def loss_fn(params, batch, rng):
         logits = gl.apply(
@@ -96,6 +105,78 @@ def causal_lm_loss(model):
         return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     return loss_fn
+
+
+def _chunked_causal_lm_loss(model, chunk: int):
+    if model.config.model_type != "llama":
+        raise ValueError(
+            f"a chunked loss needs the Llama layout (model.model → hidden, lm_head), got a "
+            f"{model.config.model_type!r} model; use chunk=0 (--loss-chunk 0)."
+        )
+
+    def hidden(module, ids, mask, positions):
+        return module.model(ids, mask, positions, return_dict=False)[0]
+
+    def loss_fn(params, batch, rng):
+        head = gl.model_params(params)["lm_head"]
+        if gl.ADAPTER_KEY in head:
+            raise ValueError(
+                "the chunked loss applies lm_head's kernel directly and would skip its "
+                "adapter; use chunk=0 (--loss-chunk 0) when lm_head is adapted."
+            )
+        ids = batch["input_ids"]
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        h = gl.apply(
+            model.module, params, ids, batch["attention_mask"], positions,
+            adapter_rng=rng, method=hidden,
+        )  # fmt: skip
+        mask = batch["loss_mask"][:, 1:]
+        total = chunked_head_loss(
+            h[:, :-1], head["kernel"], batch["labels"][:, 1:], mask, chunk, model.dtype
+        )
+        return total / jnp.maximum(jnp.sum(mask), 1.0)
+
+    return loss_fn
+
+
+def chunked_head_loss(hidden, kernel, labels, mask, chunk: int, dtype=None) -> jax.Array:
+    """Σ mask · cross-entropy(hidden @ kernel, labels), ``chunk`` positions at a time.
+
+    Each chunk's logits are recomputed in the backward pass (`jax.checkpoint`),
+    so neither pass holds more than a (chunk, V) slice of them.
+
+    Args:
+        hidden: (B, T, D) final hidden states.
+        kernel: (D, V) head kernel, float or a `genlora_jax.quant.QuantizedKernel`.
+        labels: (B, T) int next tokens.
+        mask: (B, T) 1 where the token counts.
+        chunk: positions per slice; B·T is padded to a multiple of it.
+        dtype: the head's compute dtype (the model's); None keeps hidden's.
+
+    Returns:
+        () float32, the masked sum (divide by the mask's sum for the mean).
+    """
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    y = labels.reshape(-1)
+    m = mask.reshape(-1).astype(jnp.float32)
+    pad = -h.shape[0] % chunk
+    h, y, m = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (h, y, m))
+    n = h.shape[0] // chunk
+
+    @jax.checkpoint
+    def piece(total, xs):
+        h_c, y_c, m_c = xs
+        if isinstance(kernel, gl.quant.QuantizedKernel):
+            logits = gl.quant.dense(h_c, kernel, None, dtype, None)
+        else:
+            logits = h_c.astype(dtype or h_c.dtype) @ kernel.astype(dtype or h_c.dtype)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y_c)
+        return total + jnp.sum(ce * m_c), None
+
+    xs = (h.reshape(n, chunk, d), y.reshape(n, chunk), m.reshape(n, chunk))
+    total, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32), xs)
+    return total
 
 
 TRAIN_BUCKET = 32
@@ -177,6 +258,11 @@ def parse_args(argv=None):
         help="Alpaca prompt + output, or question + the correct option (default: the preset's)",
     )
     parser.add_argument("--lr", type=positive_float, help="peak learning rate (default: preset's)")
+    parser.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="no training: score the pretrained model with the preset's prompts and scoring",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print parameter counts and stop")
     parser.add_argument("--list", action="store_true", help="print the preset names and stop")
     args = parser.parse_args(argv)
@@ -265,19 +351,24 @@ def main(argv=None) -> dict[str, Any]:
     )
     out = Path(args.out or Path("runs/finetune") / preset.name)
     start = time.perf_counter()
-    # `micro_batches` is a function of the micro-step, so a run resumed from a
-    # checkpoint sees the batches the interrupted one would have seen.
-    state = train(
-        wrapped,
-        causal_lm_loss(model),
-        micro_batches(examples, preset, tokenizer.pad_token_id, args.seed),
-        cfg,
-        out_dir=out,
-        checkpoint_dir=(out / "checkpoints").absolute() if args.checkpoint_every else None,
-        desc=preset.name,
-    )
+    if args.zero_shot:  # the adapters at their init: ΔW = 0, the pretrained model
+        steps, trained, metrics = 0, wrapped, [{"loss": None}]
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        # `micro_batches` is a function of the micro-step, so a run resumed from a
+        # checkpoint sees the batches the interrupted one would have seen.
+        state = train(
+            wrapped,
+            causal_lm_loss(model),
+            micro_batches(examples, preset, tokenizer.pad_token_id, args.seed),
+            cfg,
+            out_dir=out,
+            checkpoint_dir=(out / "checkpoints").absolute() if args.checkpoint_every else None,
+            desc=preset.name,
+        )
+        trained = gl.join(gl.split(wrapped)[0], state.adapters)
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_seconds = time.perf_counter() - start
-    trained = gl.join(gl.split(wrapped)[0], state.adapters)
 
     num_beams = 1 if args.greedy else preset.num_beams
     max_new_tokens = args.max_new_tokens or preset.max_new_tokens
@@ -296,14 +387,13 @@ def main(argv=None) -> dict[str, Any]:
     accuracy = evaluate.accuracies(scores)
     eval_seconds = time.perf_counter() - start
 
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     results = {
         "preset": preset.name,
         "model": args.model or preset.model or "random tiny Llama (no weights)",
         "train_data": train_path,
-        "method": preset.method,
-        "adapter": repr(preset.adapter_config()),
-        "trainable_params": count.trainable,
+        "method": "zero-shot" if args.zero_shot else preset.method,
+        "adapter": None if args.zero_shot else repr(preset.adapter_config()),
+        "trainable_params": 0 if args.zero_shot else count.trainable,
         "steps": steps,
         "examples_seen": steps * preset.batch_size,
         "lr": lr,

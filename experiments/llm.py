@@ -11,6 +11,7 @@ binomial standard error against the zero-shot model and chance::
     python -m experiments.llm --methods lora-r8 genlora-r8g16 --lr 1e-4 3e-4 1e-3
     python -m experiments.llm --train-format llm-adapters --scoring both
     python -m experiments.llm --model /path/to/any-llama.gguf
+    python -m experiments.llm --base q4 --lean      # QLoRA-style: a 4-bit base, less memory
 
 Scoring (``--scoring``):
 
@@ -33,6 +34,13 @@ validation slice held out of the training file (never the test file) kept;
 then the kept rate at every further seed. Every run appends a row to
 ``OUT/results.jsonl`` as it ends; each invocation writes
 ``OUT/<task>-summary.json`` with the table and the command.
+
+Memory (``--lean``): every decoder layer rematerialised in the backward pass
+(`genlora_jax.models.remat_llama`), the loss taken `LEAN_LOSS_CHUNK` tokens at
+a time (`experiments.finetune.causal_lm_loss`), and XLA's memory-minimising
+CPU scheduler (`experiments.train.use_memory_scheduler`). The same
+arithmetic; a step needs about a third of the memory and takes longer
+(`benchmarks.isolated`, the ``-lean`` rows).
 """
 
 from __future__ import annotations
@@ -67,10 +75,12 @@ from experiments.cli import (
 from experiments.finetune import causal_lm_loss, training_examples
 from experiments.models import attention_targets
 from experiments.presets import PRESETS, SMOLLM2, SMOLLM2_METHODS, adapter_config
-from experiments.train import NonFiniteLoss, TrainConfig, train
+from experiments.train import NonFiniteLoss, TrainConfig, train, use_memory_scheduler
 from genlora_jax.models import load_gguf
 
 DEFAULT_METHODS = ["lora-r8", "genlora-r8g16"]
+LEAN_LOSS_CHUNK = 128
+"""Tokens per slice of the loss under ``--lean``."""
 
 
 def default_lr(method: str, task: str) -> float:
@@ -168,7 +178,7 @@ def run_one(method, lr, seed, args, model, base, tokenizer, splits, evaluate_val
     try:
         state = train(
             params,
-            causal_lm_loss(model),
+            causal_lm_loss(model, chunk=LEAN_LOSS_CHUNK if args.lean else 0),
             make_batches(examples, args.batch_size, tokenizer.pad_token_id, seed),
             cfg,
             out_dir=out,
@@ -266,6 +276,12 @@ def parse_args(argv=None):
         help="the frozen base: float (dequantized to --dtype), q4 (the file's Q4_1/Q8_0\n"
         "blocks kept), nf4 (re-quantized to NF4); adapters stay float32",
     )
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="less memory per step, more time: rematerialised layers, a chunked loss,\n"
+        "XLA's memory-minimising CPU scheduler (same arithmetic)",
+    )
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot row")
     parser.add_argument("--checkpoint-every", type=count, default=0)
     parser.add_argument("--out", default="runs/llm")
@@ -275,6 +291,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     """Runs the comparison; returns the summary written to ``OUT/<task>-summary.json``."""
     args = parse_args(argv)
+    if args.lean:
+        use_memory_scheduler()
     command = command_line("experiments.llm", argv)
     root = Path(args.data) if args.data else data_lib.default_data_dir()
     if root is None:
@@ -283,7 +301,7 @@ def main(argv=None) -> dict:
         train_all = load_records(root, args.task, "train")
         test = load_records(root, args.task, "test")
         model, base, tokenizer = load_gguf(
-            args.model, dtype=jnp.dtype(args.dtype), quantized=args.base == "q4"
+            args.model, dtype=jnp.dtype(args.dtype), quantized=args.base == "q4", remat=args.lean
         )
         if args.base == "nf4":
             base = gl.quant.quantize_base(base)
@@ -351,6 +369,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "dtype": args.dtype,
         "base": args.base,
+        "lean": args.lean,
         "train_examples": len(train_records),
         "val_examples": len(val_records),
         "test_examples": len(test),

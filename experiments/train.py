@@ -109,6 +109,42 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+"""XLA's CPU scheduler by default orders a program for parallelism and runs
+the recomputations of `jax.checkpoint` / `nn.remat` early, which keeps every
+layer's activations alive and undoes the rematerialisation. This flag selects
+its memory-minimising scheduler. Measured on SmolLM2 (batch 8 × 128, q/k/v
+GenLoRA, rematerialised layers, 128-token loss chunks): XLA temporaries
+1,423 → 422 MiB; on the Q4_1/Q8_0 base 1,933 → 639 MiB."""
+
+
+def use_memory_scheduler() -> bool:
+    """Adds `MEMORY_SCHEDULER_FLAG` to ``XLA_FLAGS`` (read once, when JAX first
+    starts its backends); False, with a warning, when they have started already.
+
+    Process-wide: call it at the start of a run that trains with
+    rematerialisation on the CPU. Other backends ignore the flag.
+    """
+    import os
+    import warnings
+
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if MEMORY_SCHEDULER_FLAG in flags:
+        return True
+    if xla_bridge.backends_are_initialized():
+        warnings.warn(
+            "JAX's backends have started, so XLA_FLAGS is read already: rematerialisation "
+            f"will save less on the CPU. Set XLA_FLAGS={MEMORY_SCHEDULER_FLAG} before "
+            "the run starts.",
+            stacklevel=2,
+        )
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_SCHEDULER_FLAG}".strip()
+    return True
+
+
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     """The jitted update ``(adapters, opt_state, base, batch, rng) -> (..., loss)``."""
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_llama_config
+from conftest import assert_f32_close, tiny_llama_config
 from flax import traverse_util
 
 import genlora_jax as gl
@@ -78,6 +78,14 @@ def test_smollm2_presets_cover_arc_and_math_with_their_scoring():
     assert arc.train_data == "llm_adapters/commonsense/ARC-Easy/train.json"
     math_ = presets.get_preset("smollm2-math-lora-r8")
     assert (math_.scoring, math_.train_format, math_.num_beams) == ("generate", "llm-adapters", 1)
+    # SmolLM2's own math family (the shared 3,260 problems), not the 8B models' Math10K
+    family = presets.SMOLLM2_FAMILIES["math"]
+    assert (
+        math_.train_data
+        == f"llm_adapters/{family.train_file}"
+        != (presets.get_preset("llama3-8b-math-lora-r8").train_data)
+    )
+    assert (math_.eval_tasks, math_.lr) == (family.tasks, family.baseline_lr)
     for name in names:
         config = presets.PRESETS[name].adapter_config()
         assert config.dropout == (0.0 if isinstance(config, gl.HiRAConfig) else 0.05)
@@ -297,6 +305,47 @@ def test_causal_lm_loss_masks_the_prompt_unless_train_on_inputs(tokenizer, tiny)
     assert abs(losses[True] - losses[False]) > 1e-3
 
 
+@pytest.mark.lenient
+@pytest.mark.parametrize("head", ["float", "nf4"])
+def test_chunked_loss_equals_the_whole_logits_loss(tokenizer, tiny, head):
+    """``causal_lm_loss(model, chunk=N)`` (hidden states, then the head N
+    positions at a time under `jax.checkpoint`) gives the loss and adapter
+    gradients of the whole-logits loss, with a chunk that does not divide
+    B·T (padding) and with a quantized head kernel."""
+    model, base = tiny
+    if head == "nf4":  # every kernel whose input size 64 divides, lm_head included
+        base = gl.quant.quantize_base(base)
+        assert isinstance(base["lm_head"]["kernel"], gl.quant.QuantizedKernel)
+    params = _adapted(base, gl.GenLoRAConfig(rank=4, groups=4))
+    frozen, adapters = gl.split(params)
+    examples = [data.tokenize_for_causal_lm(r, tokenizer, 64, False) for r in RECORDS[:3]]
+    batch = data.pad_batch(examples, 64, tokenizer.pad_token_id)
+    assert batch["input_ids"].size % 7 and batch["loss_mask"].sum() < batch["loss_mask"].size
+
+    def value_and_grad(chunk):
+        loss_fn = finetune.causal_lm_loss(model, chunk=chunk)
+        return jax.jit(jax.value_and_grad(lambda a: loss_fn(gl.join(frozen, a), batch, None)))(
+            adapters
+        )
+
+    (whole, g_whole), (chunked, g_chunked) = value_and_grad(0), value_and_grad(7)
+    vocab = model.config.vocab_size
+    assert_f32_close(chunked, whole, terms=vocab, layers=model.config.num_hidden_layers)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_whole)) > 0
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole), strict=True):
+        assert_f32_close(a, b, terms=batch["input_ids"].size * vocab, layers=2)
+
+
+@pytest.mark.lenient
+def test_chunked_loss_refuses_an_adapted_head(tiny):
+    model, base = tiny
+    params = gl.wrap(base, ["lm_head"], gl.LoRAConfig(rank=2))
+    ids = jnp.ones((1, 8), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": ids, "labels": ids, "loss_mask": ids}
+    with pytest.raises(ValueError, match=r"lm_head.*--loss-chunk 0"):
+        finetune.causal_lm_loss(model, chunk=4)(params, batch, None)
+
+
 # --------------------------------------------------------------------- generation
 
 
@@ -445,3 +494,20 @@ def test_tiny_preset_end_to_end(tmp_path, data_dir):
     # q: m = n = 64; k, v: m = 32, n = 64; two layers; r = 8, G = 16, K = 15.
     per_layer = sum(m + n + 2 * 8 * 16 * 16 for m, n in [(64, 64), (32, 64), (32, 64)])
     assert saved["trainable_params"] == 2 * per_layer
+
+
+@pytest.mark.lenient
+def test_zero_shot_scores_the_pretrained_model_without_training(tmp_path, data_dir):
+    """``--zero-shot``: no step runs (no metrics, no trainable parameters
+    reported); the adapters stay at their init, where ΔW = 0 (checked in
+    tests/library), so what is scored is the pretrained model."""
+    train = json.loads((data_dir / "llm_adapters/math/train_math_data.json").read_text())
+    (tmp_path / "train.json").write_text(json.dumps(train[:8]))
+    out = tmp_path / "run"
+    argv = ["--preset=tiny-llama-math-genlora", f"--data={tmp_path / 'train.json'}"]
+    argv += ["--tasks", "AddSub", "--eval-limit=2", "--max-new-tokens=4", "--greedy"]
+    results = finetune.main([*argv, "--zero-shot", f"--out={out}"])
+    assert (results["method"], results["steps"], results["trainable_params"]) == ("zero-shot", 0, 0)
+    assert results["final_loss"] is None and not (out / "metrics.jsonl").exists()
+    trained = finetune.main([*argv, "--steps=1", f"--out={tmp_path / 'one-step'}"])
+    assert trained["steps"] == 1 and trained["final_loss"] is not None
