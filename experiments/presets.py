@@ -399,9 +399,17 @@ class Preset:
         return cls(**self.adapter)
 
 
-def _preset(model_key: str, model: str, family_name: str, method: str, **settings) -> Preset:
-    """``{model_key}-{family_name}-{method}``: the family's data, tasks and rate."""
-    family = FAMILIES.get(family_name) or SMOLLM2_FAMILIES[family_name]
+def _preset(
+    model_key: str,
+    model: str,
+    family_name: str,
+    method: str,
+    families: Mapping[str, Family] = FAMILIES,
+    **settings,
+) -> Preset:
+    """``{model_key}-{family_name}-{method}``: data, tasks and rate of
+    ``families[family_name]`` (SmolLM2 has its own ``math``)."""
+    family = families[family_name]
     adapter_method, adapter = adapter_settings(method)
     name = f"{model_key}-{family_name}-{method}"
     return Preset(
@@ -435,6 +443,7 @@ def build_presets() -> dict[str, Preset]:
             SMOLLM2,
             family,
             method,
+            SMOLLM2_FAMILIES,
             batch_size=8,
             micro_batch_size=8,
             warmup_steps=10,
