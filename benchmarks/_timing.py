@@ -32,9 +32,26 @@ def interleaved_medians(
 
 def compile_seconds(jitted, *args) -> float:
     """Wall time of lowering and compiling ``jitted`` for ``args``."""
+    return compile_stats(jitted, *args)[0]
+
+
+def compile_stats(jitted, *args) -> tuple[float, float | None]:
+    """Wall time of lowering and compiling ``jitted`` for ``args``, and the
+    MiB the compiled program needs by XLA's own account (arguments + outputs
+    not aliased to them + temporaries; None where the backend does not say)."""
     start = time.perf_counter()
-    jitted.lower(*args).compile()
-    return time.perf_counter() - start
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return seconds, None
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    return seconds, total / 2**20
 
 
 def report(table: str, out: str | None) -> str:

@@ -24,6 +24,10 @@ Candidates (``CANDIDATES``):
 - ``smollm2/genlora-r8g16-q4`` / ``-nf4``: the same GenLoRA step on a base
   kept in the file's Q4_1/Q8_0 blocks, or re-quantized to NF4
   (`genlora_jax.quant`), dequantized inside the step.
+- ``smollm2/*-lean``: the same step on `genlora_jax.models.remat_llama`
+  (every decoder layer recomputed in the backward pass) with the loss taken
+  128 tokens at a time (``experiments.finetune.causal_lm_loss(chunk=128)``),
+  so the (B, L, V) logits never exist at once.
 - ``minilm/*``: MiniLM-L6 (BERT) with a two-label head, batch 32 × 64, the
   steps of `benchmarks.suite` (classifier trained too), PEFT as its peer.
 - ``smollm2/decode-*``: greedy KV-cached decoding of 8 prompts × 32 new
@@ -50,6 +54,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from experiments.cli import count, positive_int
 
 STEP_BATCH = {"smollm2": (8, 128), "minilm": (32, 64)}
+LEAN_LOSS_CHUNK = 128  # tokens per slice of the chunked loss of the ``-lean`` candidates
 DECODE_PROMPTS, DECODE_PROMPT_LEN, DECODE_NEW = 8, 64, 32
 CANDIDATES = {
     "smollm2/lora-r8": "jax step, LoRA r=8",
@@ -58,6 +63,10 @@ CANDIDATES = {
     "smollm2/genlora-r64g16": "jax step, GenLoRA r=64 G=16",
     "smollm2/genlora-r8g16-q4": "jax step, GenLoRA r=8 G=16, base kept in its Q4_1/Q8_0 blocks",
     "smollm2/genlora-r8g16-nf4": "jax step, GenLoRA r=8 G=16, base in NF4",
+    "smollm2/genlora-r8g16-lean": "jax step, GenLoRA r=8 G=16, layers rematerialised, "
+    "loss in 128-token chunks",
+    "smollm2/genlora-r8g16-q4-lean": "jax step, GenLoRA r=8 G=16, Q4_1/Q8_0 base, layers "
+    "rematerialised, loss in 128-token chunks",
     "smollm2/peft-lora-r8": "torch step, PEFT LoRA r=8",
     "smollm2/decode-jax": "jax greedy decode, tokens/s",
     "smollm2/decode-torch": "torch greedy decode, tokens/s",
@@ -76,15 +85,21 @@ RATIOS = [
     ("smollm2/decode-jax", "smollm2/decode-torch", None),
     ("smollm2/genlora-r8g16-q4", "smollm2/genlora-r8g16", 1.3),
     ("smollm2/genlora-r8g16-nf4", "smollm2/genlora-r8g16", 1.3),
+    ("smollm2/genlora-r8g16-lean", "smollm2/genlora-r8g16", None),
+    ("smollm2/genlora-r8g16-q4-lean", "smollm2/genlora-r8g16", 1.3),
     ("minilm/genlora-r8g16", "minilm/lora-r8", 1.01),
     ("minilm/genlora-r64g16", "minilm/lora-r8", 1.03),
     ("minilm/lora-r8", "minilm/peft-lora-r8", None),
     ("minilm/genlora-r8g16", "minilm/peft-lora-r8", None),
 ]
-# (numerator, denominator, target): ratios of peak RSS.
+# (numerator, denominator, target): ratios of memory, both XLA's account of the
+# step (arguments + outputs + temporaries) and the child's peak RSS.
 RSS_RATIOS = [
     ("smollm2/genlora-r8g16-q4", "smollm2/genlora-r8g16", 0.45),
     ("smollm2/genlora-r8g16-nf4", "smollm2/genlora-r8g16", 0.45),
+    ("smollm2/genlora-r8g16-lean", "smollm2/genlora-r8g16", None),
+    ("smollm2/genlora-r8g16-q4-lean", "smollm2/genlora-r8g16", 0.45),
+    ("smollm2/genlora-r8g16-q4-lean", "smollm2/genlora-r8g16-lean", None),
 ]
 BEGIN, END = "<!-- isolated:begin -->", "<!-- isolated:end -->"
 # t quantiles (0.975) for 1..30 degrees of freedom, for the ratio intervals.
@@ -127,38 +142,40 @@ def _smollm2_batch():
     return ids.astype(np.int32), np.ones((batch, seq), np.int32)
 
 
-def _smollm2_jax_step(method: str, batch_generators: bool, base_format: str = "float"):
-    import jax
+def _smollm2_jax_step(
+    method: str, batch_generators: bool, base_format: str = "float", lean: bool = False
+):
     import jax.numpy as jnp
     import optax
 
     import genlora_jax as gl
-    from benchmarks._timing import compile_seconds
+    from benchmarks._timing import compile_stats
     from benchmarks.methods import method_config
+    from experiments.finetune import causal_lm_loss
+    from experiments.train import make_step
     from genlora_jax.models import load_gguf
 
-    model, base, _ = load_gguf("smollm2", dtype=jnp.float32, quantized=base_format == "q4")
+    model, base, _ = load_gguf(
+        "smollm2", dtype=jnp.float32, quantized=base_format == "q4", remat=lean
+    )
     if base_format == "nf4":
         base = gl.quant.quantize_base(base)
     params = gl.wrap(base, ["q_proj", "k_proj", "v_proj"], method_config(method))
     base, adapters = gl.split(params)
     tx = gl.optimizer(optax.adamw(1e-4))
     ids, mask = (jnp.asarray(x) for x in _smollm2_batch())
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "loss_mask": mask}
+    lm_loss = causal_lm_loss(model, chunk=LEAN_LOSS_CHUNK if lean else 0)
 
-    def loss_fn(adapters):
-        out = gl.apply(model, gl.join(base, adapters), ids, mask, batch_generators=batch_generators)
-        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], ids[:, 1:])
-        return ce.mean()
+    def loss_fn(params, batch, rng):
+        return lm_loss(gl.pregenerate(params) if batch_generators else params, batch, rng)
 
-    @jax.jit
-    def step(adapters, state):
-        loss, grads = jax.value_and_grad(loss_fn)(adapters)
-        updates, state = tx.update(grads, state, adapters)
-        return optax.apply_updates(adapters, updates), state, loss
-
+    # the training loop's step: the base is an argument (a closed-over base
+    # would be compiled into the program as constants, a second copy of it)
+    step = make_step(loss_fn, tx)
     state = tx.init(adapters)
-    compile_s = compile_seconds(step, adapters, state)
-    return (lambda: step(adapters, state)), compile_s
+    compile_s, step_mib = compile_stats(step, adapters, state, base, batch, None)
+    return (lambda: step(adapters, state, base, batch, None)), compile_s, step_mib
 
 
 def _smollm2_torch():
@@ -276,11 +293,23 @@ def build(name: str):
     if name == "minilm/peft-lora-r8":
         return _minilm_peft_step()
     if model == "smollm2":
+        lean = method.endswith("-lean")
+        method = method.removesuffix("-lean")
         per_module = method.endswith("-per-module")
         base_format = next((f for f in ("q4", "nf4") if method.endswith(f"-{f}")), "float")
         method = method.removesuffix("-per-module").removesuffix(f"-{base_format}")
-        return _smollm2_jax_step(method, not per_module, base_format)
+        return _smollm2_jax_step(method, not per_module, base_format, lean)
     return _minilm_step(method)
+
+
+def _release_freed() -> None:
+    """Hands memory that loading and compiling freed back to the kernel (glibc's
+    ``malloc_trim``), so the peak RSS that follows is the calls', not the heap's."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _reset_peak() -> bool:
@@ -298,10 +327,16 @@ def child(name: str, warmup: int, steps: int) -> dict:
     The peak RSS covers the calls only (and the arrays they keep), not the
     loading and compiling before them, where the kernel lets the count restart.
     """
-    thunk, compile_s = build(name)
+    if name.endswith("-lean"):
+        from experiments.train import use_memory_scheduler
+
+        use_memory_scheduler()
+    thunk, compile_s, *step_mib = build(name)
+    _release_freed()
     step_only = _reset_peak()
     times = _timed(thunk, warmup, steps)
     row = {"name": name, "compile_s": compile_s, "median_s": statistics.median(times)}
+    row["xla_mib"] = step_mib[0] if step_mib else None
     if "decode" in name:
         row["tokens_per_s"] = DECODE_PROMPTS * DECODE_NEW / row["median_s"]
     row["peak_rss_mib"] = _peak_rss_mib()
@@ -355,53 +390,53 @@ def _spread(values: list[float], scale: float, spec: str) -> str:
     return f"{med:{spec}} ({min(values) * scale:{spec}}–{max(values) * scale:{spec}})"
 
 
+def _ratio_row(rows: dict, num: str, den: str, target: float | None, key: str) -> str:
+    """A table row: ``num``/``den`` of ``key`` per round, its geometric mean and interval."""
+    per_round = [a[key] / b[key] for a, b in zip(rows[num], rows[den], strict=True)]
+    mean, lo, hi = ratio_interval(per_round)
+    interval = "–" if math.isnan(lo) else f"{lo:.3f}–{hi:.3f}"
+    met = "–" if target is None else ("yes" if mean <= target else "**no**")
+    if target is not None and not math.isnan(hi) and mean <= target < hi:
+        met = "yes (interval spans the target)"
+    goal = "–" if target is None else f"≤ {target}"
+    return f"| `{num}` / `{den}` | {mean:.3f} | {interval} | {goal} | {met} |"
+
+
 def render(rows: dict[str, list[dict]], *, header: str) -> str:
     """Markdown: one row per candidate, then the ratios with their intervals."""
     lines = [
         header,
         "",
-        "| candidate | what | median call, ms (range over rounds) | compile s | peak RSS MiB |",
-        "|---|---|---|---|---|",
+        "| candidate | what | median call, ms (range over rounds) | compile s "
+        "| XLA step MiB | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
     ]
     for name, runs in rows.items():
         what = CANDIDATES[name]
         if "decode" in name:
             what += f": {_spread([r['tokens_per_s'] for r in runs], 1, '.1f')}"
         compile_s = [r["compile_s"] for r in runs if r["compile_s"] is not None]
+        xla = [r["xla_mib"] for r in runs if r.get("xla_mib") is not None]
         lines.append(
             f"| `{name}` | {what} | {_spread([r['median_s'] for r in runs], 1e3, '.0f')} | "
             f"{_spread(compile_s, 1, '.1f') if compile_s else '–'} | "
+            f"{_spread(xla, 1, '.0f') if xla else '–'} | "
             f"{_spread([r['peak_rss_mib'] for r in runs], 1, '.0f')} |"
         )
-    lines += ["", "| ratio of call times | geometric mean | 95 % interval | target | met |"]
-    lines += ["|---|---|---|---|---|"]
-    for num, den, target in RATIOS:
-        if num not in rows or den not in rows:
-            continue
-        per_round = [
-            a["median_s"] / b["median_s"] for a, b in zip(rows[num], rows[den], strict=True)
+    for title, pairs, key in (
+        ("call times", RATIOS, "median_s"),
+        ("XLA step memory", RSS_RATIOS, "xla_mib"),
+        ("peak RSS", RSS_RATIOS, "peak_rss_mib"),
+    ):
+        pairs = [
+            (n, d, target)
+            for n, d, target in pairs
+            if n in rows and d in rows and all(r.get(key) for r in rows[n] + rows[d])
         ]
-        mean, lo, hi = ratio_interval(per_round)
-        interval = "–" if math.isnan(lo) else f"{lo:.3f}–{hi:.3f}"
-        met = "–" if target is None else ("yes" if mean <= target else "**no**")
-        if target is not None and not math.isnan(hi) and mean <= target < hi:
-            met = "yes (interval spans the target)"
-        lines.append(
-            f"| `{num}` / `{den}` | {mean:.3f} | {interval} | "
-            f"{'–' if target is None else f'≤ {target}'} | {met} |"
-        )
-    rss = [(n, d, target) for n, d, target in RSS_RATIOS if n in rows and d in rows]
-    if rss:
-        lines += ["", "| ratio of peak RSS | geometric mean | 95 % interval | target | met |"]
-        lines += ["|---|---|---|---|---|"]
-    for num, den, target in rss:
-        per_round = [
-            a["peak_rss_mib"] / b["peak_rss_mib"] for a, b in zip(rows[num], rows[den], strict=True)
-        ]
-        mean, lo, hi = ratio_interval(per_round)
-        interval = "–" if math.isnan(lo) else f"{lo:.3f}–{hi:.3f}"
-        met = "yes" if mean <= target else "**no**"
-        lines.append(f"| `{num}` / `{den}` | {mean:.3f} | {interval} | ≤ {target} | {met} |")
+        if pairs:
+            lines += ["", f"| ratio of {title} | geometric mean | 95 % interval | target | met |"]
+            lines += ["|---|---|---|---|---|"]
+        lines += [_ratio_row(rows, num, den, target, key) for num, den, target in pairs]
     return "\n".join(lines)
 
 

@@ -99,9 +99,32 @@ def test_isolated_table_names_every_ratio_and_whether_its_target_is_met():
     }
     assert "| yes" in lines["`minilm/genlora-r8g16` / `minilm/lora-r8`"]
     assert "**no**" in lines["`minilm/genlora-r64g16` / `minilm/lora-r8`"]
-    assert "| `minilm/lora-r8` | jax step, LoRA r=8 | 100 (98–102) | 2.0 (2.0–2.0) | 100 |" in (
+    assert "| `minilm/lora-r8` | jax step, LoRA r=8 | 100 (98–102) | 2.0 (2.0–2.0) | – | 100 |" in (
         table.replace("100 (100–100)", "100")
     )
+
+
+def test_isolated_table_gives_peak_rss_ratios_with_and_without_a_target():
+    from benchmarks.isolated import render
+
+    def rows(rss):
+        return [{"median_s": 1.0, "compile_s": 2.0, "peak_rss_mib": r} for r in rss]
+
+    table = render(
+        {
+            "smollm2/genlora-r8g16": rows([1000, 1000]),
+            "smollm2/genlora-r8g16-lean": rows([600, 600]),
+            "smollm2/genlora-r8g16-q4-lean": rows([400, 400]),
+        },
+        header="- test",
+    )
+    rss = table.split("ratio of peak RSS")[1]
+    assert "| `smollm2/genlora-r8g16-q4-lean` / `smollm2/genlora-r8g16` | 0.400 |" in rss
+    assert "| ≤ 0.45 | yes |" in rss
+    lean = (
+        "| `smollm2/genlora-r8g16-lean` / `smollm2/genlora-r8g16` | 0.600 | 0.600–0.600 | – | – |"
+    )
+    assert lean in rss
 
 
 def test_an_isolated_child_reports_its_measurements():
@@ -111,3 +134,25 @@ def test_an_isolated_child_reports_its_measurements():
     row = run_child("minilm/lora-r8", warmup=0, steps=1, timeout=300)
     assert row["name"] == "minilm/lora-r8"
     assert row["median_s"] > 0 and row["compile_s"] > 0 and row["peak_rss_mib"] > 50
+
+
+# ------------------------------------------------------------- benchmarks.step_memory
+
+
+def test_step_memory_table_totals_each_step_against_the_float_default():
+    from benchmarks.step_memory import render
+
+    def row(base, chunk, remat, scheduler, temp):
+        return dict(base=base, chunk=chunk, remat=remat, scheduler=scheduler, temp_mib=temp,
+                    base_mib=600.0 if base == "float" else 200.0, other_args_mib=5.0)  # fmt: skip
+
+    table = render(
+        [
+            row("float", 0, False, "default", 1995.0),
+            row("q4", 128, True, "memory", 595.0),
+        ],
+        "python -m benchmarks.step_memory",
+    )
+    lines = [line for line in table.splitlines() if line.startswith("| float") or "| q4" in line]
+    assert lines[0].endswith("| 2,600 | 1.000 |")
+    assert "| 128-token chunks | yes | memory | 200 | 595 | 800 | 0.308 |" in lines[1]

@@ -1,0 +1,153 @@
+"""What each memory lever saves in a SmolLM2 training step, by XLA's own account.
+
+    python -m benchmarks.step_memory [--out FILE]
+
+Compiles the GenLoRA r=8 G=16 (q/k/v) training step of `experiments.train`
+on SmolLM2-135M at batch 8 × 128 for each combination below and reads
+``compiled.memory_analysis()``: the base arguments and the temporaries XLA
+allocates for the step. Nothing runs, so the figures are exact and do not
+depend on the machine's load; they are what an accelerator would allocate
+for the same program (CPU figures here).
+
+- base: ``float`` (dequantized to float32) or ``q4`` (the file's Q4_1/Q8_0
+  blocks kept, `genlora_jax.models.load_gguf(quantized=True)`);
+- loss: the whole (B, L, V) logits or 128-token chunks
+  (``experiments.finetune.causal_lm_loss(chunk=128)``);
+- remat: decoder layers under `nn.remat` (`genlora_jax.models.remat_llama`);
+- scheduler: XLA's default CPU scheduler or its memory-minimising one
+  (`experiments.train.MEMORY_SCHEDULER_FLAG`). The flag is read when JAX
+  starts, so each scheduler runs in its own child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from benchmarks.isolated import STEP_BATCH
+from experiments.cli import markdown_table
+
+# (base, loss chunk, remat)
+CONFIGS = [
+    ("float", 0, False),
+    ("float", 128, False),
+    ("float", 128, True),
+    ("q4", 0, False),
+    ("q4", 128, True),
+]
+SCHEDULERS = ("default", "memory")
+
+
+def step_memory(base_format: str, chunk: int, remat: bool) -> dict:
+    """XLA's MiB for the step: base arguments, other arguments, temporaries."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import genlora_jax as gl
+    from experiments.finetune import causal_lm_loss
+    from experiments.train import make_step
+    from genlora_jax.models import load_gguf
+
+    model, base, _ = load_gguf("smollm2", quantized=base_format == "q4", remat=remat)
+    params = gl.wrap(base, ["q_proj", "k_proj", "v_proj"], gl.GenLoRAConfig(rank=8, groups=16))
+    base, adapters = gl.split(params)
+    tx = gl.optimizer(optax.adamw(1e-4))
+    ids = np.random.default_rng(0).integers(100, 40000, STEP_BATCH["smollm2"]).astype(np.int32)
+    ids = jnp.asarray(ids)
+    mask = jnp.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "loss_mask": mask}
+    step = make_step(causal_lm_loss(model, chunk=chunk), tx)
+    memory = step.lower(adapters, tx.init(adapters), base, batch, None).compile().memory_analysis()
+    mib = 2**20
+    base_mib = sum(x.nbytes for x in jax.tree.leaves(base)) / mib
+    return {
+        "base": base_format,
+        "chunk": chunk,
+        "remat": remat,
+        "base_mib": base_mib,
+        "other_args_mib": memory.argument_size_in_bytes / mib - base_mib,
+        "temp_mib": memory.temp_size_in_bytes / mib,
+    }
+
+
+def run_scheduler(scheduler: str) -> list[dict]:
+    """Every config in one child process started with ``scheduler``'s XLA flags."""
+    from experiments.train import MEMORY_SCHEDULER_FLAG
+
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace(MEMORY_SCHEDULER_FLAG, "")
+    if scheduler == "memory":
+        flags = f"{flags} {MEMORY_SCHEDULER_FLAG}"
+    env["XLA_FLAGS"] = flags.strip()
+    cmd = [sys.executable, "-m", "benchmarks.step_memory", "--child"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {scheduler} scheduler's child failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [{**row, "scheduler": scheduler} for row in rows]
+
+
+def render(rows: list[dict], command: str) -> str:
+    """Markdown: one row per config and scheduler, and each total against the
+    float whole-logits step under the default scheduler."""
+    reference = next(
+        r
+        for r in rows
+        if (r["base"], r["chunk"], r["remat"], r["scheduler"]) == (*CONFIGS[0], "default")
+    )
+
+    def total(r):
+        return r["base_mib"] + r["other_args_mib"] + r["temp_mib"]
+
+    table = [
+        [
+            r["base"],
+            "whole" if not r["chunk"] else f"{r['chunk']}-token chunks",
+            "yes" if r["remat"] else "no",
+            r["scheduler"],
+            f"{r['base_mib']:,.0f}",
+            f"{r['temp_mib']:,.0f}",
+            f"{total(r):,.0f}",
+            f"{total(r) / total(reference):.3f}",
+        ]
+        for r in rows
+    ]
+    header = ["base", "loss", "remat", "scheduler", "base MiB", "temporaries MiB"]
+    header += ["step MiB", "/ float, whole, default"]
+    return "\n".join(
+        [
+            f"- command: `{command}`",
+            "- SmolLM2-135M, GenLoRA r=8 G=16 on q/k/v, batch 8 × 128, AdamW step of "
+            "`experiments.train.make_step`; XLA `memory_analysis()` of the compiled step",
+            "",
+            markdown_table(header, "llllrrrr", table),
+        ]
+    )
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write the table here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        for config in CONFIGS:
+            print(json.dumps(step_memory(*config)), flush=True)
+        return ""
+    rows = [row for scheduler in SCHEDULERS for row in run_scheduler(scheduler)]
+    command = "python -m benchmarks.step_memory" + (f" --out {args.out}" if args.out else "")
+    table = render(rows, command)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()
