@@ -40,3 +40,21 @@ def test_quantized_base_block_runs():
     kernel = namespace["base"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     assert kernel.kind == "q4_1"
     assert namespace["logits"].shape[-1] == 49152
+
+
+def test_lean_block_runs_in_a_fresh_process():
+    """The README's `--lean` block, in its own interpreter: the scheduler flag
+    must be set before JAX starts, which this test process is past."""
+    import subprocess
+    import sys
+
+    section = (REPO / "README.md").read_text().split("### Less memory per step", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code += "\nimport os\nprint('LOSS', float(loss), os.environ['XLA_FLAGS'])\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loss, flags = done.stdout.split("LOSS", 1)[1].split(maxsplit=1)
+    assert 0.0 < float(loss) < 20.0
+    assert "concurrency_optimized_scheduler=false" in flags
