@@ -1,5 +1,7 @@
 """experiments.train: resume, NaN guard, gradient accumulation, schedule."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +96,19 @@ def test_schedule_warms_up_then_decays_to_zero(steps, warmup, peak_at):
     assert float(lr(peak_at // 2)) == pytest.approx(1.0)
     assert float(lr(peak_at)) == pytest.approx(2.0)
     assert float(lr(steps)) == pytest.approx(0.0)
+
+
+def test_memory_scheduler_flag_is_refused_once_jax_has_started(monkeypatch):
+    """XLA reads XLA_FLAGS once: after JAX has started (it has, in this test
+    process) `use_memory_scheduler` warns and leaves the flags alone; a flag
+    already there counts as set. The fresh-process case is the README block's
+    test (tests/docs/test_readme.py)."""
+    from experiments.train import MEMORY_SCHEDULER_FLAG, use_memory_scheduler
+
+    jnp.zeros(1).block_until_ready()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    with pytest.warns(UserWarning, match="XLA_FLAGS is read already"):
+        assert use_memory_scheduler() is False
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+    monkeypatch.setenv("XLA_FLAGS", MEMORY_SCHEDULER_FLAG)
+    assert use_memory_scheduler() is True
