@@ -54,7 +54,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from experiments.cli import count, positive_int
 
 STEP_BATCH = {"smollm2": (8, 128), "minilm": (32, 64)}
-LEAN_LOSS_CHUNK = 128  # tokens per slice of the chunked loss of the ``-lean`` candidates
 DECODE_PROMPTS, DECODE_PROMPT_LEN, DECODE_NEW = 8, 64, 32
 CANDIDATES = {
     "smollm2/lora-r8": "jax step, LoRA r=8",
@@ -151,7 +150,7 @@ def _smollm2_jax_step(
     import genlora_jax as gl
     from benchmarks._timing import compile_stats
     from benchmarks.methods import method_config
-    from experiments.finetune import causal_lm_loss
+    from experiments.finetune import LEAN_LOSS_CHUNK, causal_lm_loss
     from experiments.train import make_step
     from genlora_jax.models import load_gguf
 

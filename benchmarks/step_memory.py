@@ -29,14 +29,15 @@ import sys
 
 from benchmarks.isolated import STEP_BATCH
 from experiments.cli import markdown_table
+from experiments.finetune import LEAN_LOSS_CHUNK
 
 # (base, loss chunk, remat)
 CONFIGS = [
     ("float", 0, False),
-    ("float", 128, False),
-    ("float", 128, True),
+    ("float", LEAN_LOSS_CHUNK, False),
+    ("float", LEAN_LOSS_CHUNK, True),
     ("q4", 0, False),
-    ("q4", 128, True),
+    ("q4", LEAN_LOSS_CHUNK, True),
 ]
 SCHEDULERS = ("default", "memory")
 

@@ -77,6 +77,11 @@ def resolve_train_data(preset: Preset, data: str | None) -> str:
 # --------------------------------------------------------------------------- train
 
 
+LEAN_LOSS_CHUNK = 128
+"""Tokens per slice of the chunked loss in the low-memory setting (``experiments.llm
+--lean``, the ``-lean`` benchmarks): 128 × 49,152 float32 logits are 24 MiB."""
+
+
 def causal_lm_loss(model, chunk: int = 0):
     """Mean next-token cross-entropy over the tokens ``loss_mask`` keeps.
 

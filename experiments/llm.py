@@ -72,15 +72,13 @@ from experiments.cli import (
     positive_int,
     results_recorder,
 )
-from experiments.finetune import causal_lm_loss, training_examples
+from experiments.finetune import LEAN_LOSS_CHUNK, causal_lm_loss, training_examples
 from experiments.models import attention_targets
 from experiments.presets import PRESETS, SMOLLM2, SMOLLM2_METHODS, adapter_config
 from experiments.train import NonFiniteLoss, TrainConfig, train, use_memory_scheduler
 from genlora_jax.models import load_gguf
 
 DEFAULT_METHODS = ["lora-r8", "genlora-r8g16"]
-LEAN_LOSS_CHUNK = 128
-"""Tokens per slice of the loss under ``--lean``."""
 
 
 def default_lr(method: str, task: str) -> float:
