@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install install-test train train-llm test test-all bench bench-suite lint
+.PHONY: install install-test train train-llm test test-all bench bench-paired bench-suite lint
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,10 @@ test-all: lint
 # about 45 min on 2 cores at the defaults; ARGS="--rounds 2 --steps 4" for a look
 bench: install-test
 	$(BIN)/python -m benchmarks.isolated --out BENCHMARKS.md $(ARGS)
+
+# GenLoRA / LoRA resolved to about 1 %: each pair of JAX steps in one process, ABBA blocks
+bench-paired: install-test
+	$(BIN)/python -m benchmarks.paired --out BENCHMARKS.md $(ARGS)
 
 # the per-method MiniLM table (all baselines), timed round-robin in one process
 bench-suite: install-test

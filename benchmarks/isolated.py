@@ -13,14 +13,28 @@ its peak RSS (VmHWM). A ratio A/B is computed per round from the two medians
 and summarised as the geometric mean over rounds with a 95 % t-interval, so
 the table says how well each ratio is resolved.
 
+Memory is given three ways: XLA's own account of the compiled step, the
+child's peak RSS, and that peak less the child's **import floor** (VmRSS once
+Python, JAX, Flax, transformers and tokenizers are loaded, before any model),
+the part a training step and its model add. JAX children start with
+``USE_TORCH=0``, so that transformers does not import torch (about 300 MiB
+here) into a process that never calls it.
+
+To resolve a ratio of two JAX steps to 1 %, time them in one process with
+`benchmarks.paired` (ABBA blocks); separate processes carry the machine's
+drift between them.
+
 Candidates (``CANDIDATES``):
 
 - ``smollm2/*``: SmolLM2-135M-Instruct from its GGUF file, dequantized to
   float32, batch 8 × 128 random tokens, next-token loss, q/k/v adapted, a
-  jitted AdamW step over the adapter half only. ``genlora-r8g16-per-module``
-  generates factors inside every module call (``batch_generators=False``),
-  the 0.1 behaviour; ``peft-lora-r8`` is PEFT in torch on the same GGUF
-  (transformers' torch GGUF loader), eval mode, AdamW.
+  jitted AdamW step over the adapter half only: `experiments.train.make_step`,
+  the training loop's step, with GenLoRA's factors generated inside each
+  module call as training does. ``-batched`` generates them all before the
+  call (`gl.pregenerate`, ``batch_generators=True``); ``-donate`` donates the
+  adapters and optimizer state (``make_step(donate=True)``); ``peft-lora-r8``
+  is PEFT in torch on the same GGUF (transformers' torch GGUF loader), eval
+  mode, AdamW.
 - ``smollm2/genlora-r8g16-q4`` / ``-nf4``: the same GenLoRA step on a base
   kept in the file's Q4_1/Q8_0 blocks, or re-quantized to NF4
   (`genlora_jax.quant`), dequantized inside the step.
@@ -57,9 +71,15 @@ STEP_BATCH = {"smollm2": (8, 128), "minilm": (32, 64)}
 DECODE_PROMPTS, DECODE_PROMPT_LEN, DECODE_NEW = 8, 64, 32
 CANDIDATES = {
     "smollm2/lora-r8": "jax step, LoRA r=8",
-    "smollm2/genlora-r8g16": "jax step, GenLoRA r=8 G=16 (batched generators)",
-    "smollm2/genlora-r8g16-per-module": "jax step, GenLoRA r=8 G=16 (generated per module)",
+    "smollm2/genlora-r8g16": "jax step, GenLoRA r=8 G=16",
+    "smollm2/genlora-r8g16-batched": "jax step, GenLoRA r=8 G=16, batched generators "
+    "(gl.pregenerate)",
     "smollm2/genlora-r64g16": "jax step, GenLoRA r=64 G=16",
+    "smollm2/genlora-r64g16-batched": "jax step, GenLoRA r=64 G=16, batched generators "
+    "(gl.pregenerate)",
+    "smollm2/lora-r64": "jax step, LoRA r=64",
+    "smollm2/genlora-r8g16-donate": "jax step, GenLoRA r=8 G=16, adapters and optimizer "
+    "state donated (donate_argnums)",
     "smollm2/genlora-r8g16-q4": "jax step, GenLoRA r=8 G=16, base kept in its Q4_1/Q8_0 blocks",
     "smollm2/genlora-r8g16-nf4": "jax step, GenLoRA r=8 G=16, base in NF4",
     "smollm2/genlora-r8g16-lean": "jax step, GenLoRA r=8 G=16, layers rematerialised, "
@@ -72,13 +92,17 @@ CANDIDATES = {
     "minilm/lora-r8": "jax step, LoRA r=8",
     "minilm/genlora-r8g16": "jax step, GenLoRA r=8 G=16",
     "minilm/genlora-r64g16": "jax step, GenLoRA r=64 G=16",
+    "minilm/lora-r64": "jax step, LoRA r=64",
     "minilm/peft-lora-r8": "torch step, PEFT LoRA r=8",
 }
 # (numerator, denominator, target or None): the ratios of step time reported.
 RATIOS = [
     ("smollm2/genlora-r8g16", "smollm2/lora-r8", 1.01),
-    ("smollm2/genlora-r64g16", "smollm2/lora-r8", 1.03),
-    ("smollm2/genlora-r8g16-per-module", "smollm2/genlora-r8g16", None),
+    ("smollm2/genlora-r64g16", "smollm2/lora-r64", 1.03),
+    ("smollm2/genlora-r64g16", "smollm2/lora-r8", None),
+    ("smollm2/genlora-r8g16-batched", "smollm2/genlora-r8g16", None),
+    ("smollm2/genlora-r64g16-batched", "smollm2/genlora-r64g16", None),
+    ("smollm2/genlora-r8g16-donate", "smollm2/genlora-r8g16", None),
     ("smollm2/lora-r8", "smollm2/peft-lora-r8", None),
     ("smollm2/genlora-r8g16", "smollm2/peft-lora-r8", None),
     ("smollm2/decode-jax", "smollm2/decode-torch", None),
@@ -87,7 +111,8 @@ RATIOS = [
     ("smollm2/genlora-r8g16-lean", "smollm2/genlora-r8g16", None),
     ("smollm2/genlora-r8g16-q4-lean", "smollm2/genlora-r8g16", 1.3),
     ("minilm/genlora-r8g16", "minilm/lora-r8", 1.01),
-    ("minilm/genlora-r64g16", "minilm/lora-r8", 1.03),
+    ("minilm/genlora-r64g16", "minilm/lora-r64", 1.03),
+    ("minilm/genlora-r64g16", "minilm/lora-r8", None),
     ("minilm/lora-r8", "minilm/peft-lora-r8", None),
     ("minilm/genlora-r8g16", "minilm/peft-lora-r8", None),
 ]
@@ -99,6 +124,7 @@ RSS_RATIOS = [
     ("smollm2/genlora-r8g16-lean", "smollm2/genlora-r8g16", None),
     ("smollm2/genlora-r8g16-q4-lean", "smollm2/genlora-r8g16", 0.45),
     ("smollm2/genlora-r8g16-q4-lean", "smollm2/genlora-r8g16-lean", None),
+    ("smollm2/genlora-r8g16-donate", "smollm2/genlora-r8g16", None),
 ]
 BEGIN, END = "<!-- isolated:begin -->", "<!-- isolated:end -->"
 # t quantiles (0.975) for 1..30 degrees of freedom, for the ratio intervals.
@@ -118,6 +144,33 @@ def _peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mib() -> float:
+    """The current resident set (VmRSS), MiB; nan where /proc is missing."""
+    status = Path("/proc/self/status")
+    found = re.search(r"^VmRSS:\s*(\d+) kB$", status.read_text(), re.M) if status.exists() else None
+    return int(found.group(1)) / 1024 if found else math.nan
+
+
+def _import_floor_mib() -> float:
+    """VmRSS once the modules every candidate's ``build`` imports are loaded and
+    JAX's backend is up, before any model: the process floor that no training
+    step can shrink (Python, JAX, Flax, transformers, tokenizers)."""
+    import jax
+
+    import benchmarks.core  # noqa: F401 (transformers' Flax BERT)
+    import experiments.finetune  # noqa: F401
+    import genlora_jax.models  # noqa: F401 (transformers' Flax Llama)
+
+    jax.devices()
+    _release_freed()
+    return _rss_mib()
+
+
+def uses_torch(name: str) -> bool:
+    """Whether candidate ``name`` runs in PyTorch (the others start with USE_TORCH=0)."""
+    return "peft" in name or name.endswith("-torch")
 
 
 def _timed(fn, warmup: int, steps: int) -> list[float]:
@@ -142,7 +195,11 @@ def _smollm2_batch():
 
 
 def _smollm2_jax_step(
-    method: str, batch_generators: bool, base_format: str = "float", lean: bool = False
+    method: str,
+    batch_generators: bool,
+    base_format: str = "float",
+    lean: bool = False,
+    donate: bool = False,
 ):
     import jax.numpy as jnp
     import optax
@@ -171,10 +228,18 @@ def _smollm2_jax_step(
 
     # the training loop's step: the base is an argument (a closed-over base
     # would be compiled into the program as constants, a second copy of it)
-    step = make_step(loss_fn, tx)
+    step = make_step(loss_fn, tx, donate=donate)
     state = tx.init(adapters)
     compile_s, step_mib = compile_stats(step, adapters, state, base, batch, None)
-    return (lambda: step(adapters, state, base, batch, None)), compile_s, step_mib
+    if not donate:
+        return (lambda: step(adapters, state, base, batch, None)), compile_s, step_mib
+    carry = [adapters, state]  # donated arrays are deleted: each call feeds the last outputs back
+
+    def donated_call():
+        carry[0], carry[1], loss, _ = step(*carry, base, batch, None)
+        return loss
+
+    return donated_call, compile_s, step_mib
 
 
 def _smollm2_torch():
@@ -293,11 +358,12 @@ def build(name: str):
         return _minilm_peft_step()
     if model == "smollm2":
         lean = method.endswith("-lean")
-        method = method.removesuffix("-lean")
-        per_module = method.endswith("-per-module")
+        donate = method.endswith("-donate")
+        method = method.removesuffix("-lean").removesuffix("-donate")
+        batched = method.endswith("-batched")
         base_format = next((f for f in ("q4", "nf4") if method.endswith(f"-{f}")), "float")
-        method = method.removesuffix("-per-module").removesuffix(f"-{base_format}")
-        return _smollm2_jax_step(method, not per_module, base_format, lean)
+        method = method.removesuffix("-batched").removesuffix(f"-{base_format}")
+        return _smollm2_jax_step(method, batched, base_format, lean, donate)
     return _minilm_step(method)
 
 
@@ -330,8 +396,10 @@ def child(name: str, warmup: int, steps: int) -> dict:
         from experiments.train import use_memory_scheduler
 
         use_memory_scheduler()
+    floor = _import_floor_mib()
     thunk, compile_s, *step_mib = build(name)
     _release_freed()
+    built = _rss_mib()  # the model, its arrays and the compiled program, before a call
     step_only = _reset_peak()
     times = _timed(thunk, warmup, steps)
     row = {"name": name, "compile_s": compile_s, "median_s": statistics.median(times)}
@@ -339,6 +407,9 @@ def child(name: str, warmup: int, steps: int) -> dict:
     if "decode" in name:
         row["tokens_per_s"] = DECODE_PROMPTS * DECODE_NEW / row["median_s"]
     row["peak_rss_mib"] = _peak_rss_mib()
+    row["floor_rss_mib"] = floor
+    row["built_rss_mib"] = built
+    row["above_floor_mib"] = row["peak_rss_mib"] - floor
     row["rss_covers"] = "calls" if step_only else "process"
     return row
 
@@ -349,7 +420,10 @@ def child(name: str, warmup: int, steps: int) -> dict:
 def run_child(name: str, warmup: int, steps: int, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.isolated", "--child", name]
     cmd += ["--warmup", str(warmup), "--steps", str(steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # transformers imports torch wherever it is installed (~300 MiB of RSS here);
+    # a JAX candidate never calls it, so its process starts without it
+    env = dict(os.environ, **({} if uses_torch(name) else {"USE_TORCH": "0"}))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"candidate {name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -407,8 +481,8 @@ def render(rows: dict[str, list[dict]], *, header: str) -> str:
         header,
         "",
         "| candidate | what | median call, ms (range over rounds) | compile s "
-        "| XLA step MiB | peak RSS MiB |",
-        "|---|---|---|---|---|---|",
+        "| XLA step MiB | peak RSS MiB | import floor MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, runs in rows.items():
         what = CANDIDATES[name]
@@ -416,16 +490,19 @@ def render(rows: dict[str, list[dict]], *, header: str) -> str:
             what += f": {_spread([r['tokens_per_s'] for r in runs], 1, '.1f')}"
         compile_s = [r["compile_s"] for r in runs if r["compile_s"] is not None]
         xla = [r["xla_mib"] for r in runs if r.get("xla_mib") is not None]
+        floor = [r["floor_rss_mib"] for r in runs if r.get("floor_rss_mib") is not None]
         lines.append(
             f"| `{name}` | {what} | {_spread([r['median_s'] for r in runs], 1e3, '.0f')} | "
             f"{_spread(compile_s, 1, '.1f') if compile_s else '–'} | "
             f"{_spread(xla, 1, '.0f') if xla else '–'} | "
-            f"{_spread([r['peak_rss_mib'] for r in runs], 1, '.0f')} |"
+            f"{_spread([r['peak_rss_mib'] for r in runs], 1, '.0f')} | "
+            f"{_spread(floor, 1, '.0f') if floor else '–'} |"
         )
     for title, pairs, key in (
         ("call times", RATIOS, "median_s"),
         ("XLA step memory", RSS_RATIOS, "xla_mib"),
         ("peak RSS", RSS_RATIOS, "peak_rss_mib"),
+        ("peak RSS above the import floor", RSS_RATIOS, "above_floor_mib"),
     ):
         pairs = [
             (n, d, target)

@@ -233,6 +233,7 @@ _GENLORA_RG = ((8, 16), (32, 16), (64, 16), (16, 16), (8, 8), (16, 8), (32, 8))
 def _methods() -> dict[str, tuple[str, dict[str, Any]]]:
     methods: dict[str, tuple[str, dict[str, Any]]] = {
         "lora-r8": ("lora", {"rank": 8}),
+        "lora-r64": ("lora", {"rank": 64}),
         "dora-r8": ("dora", {"rank": 8}),
         "hira-r8": ("hira", {"rank": 8}),
         "melora-r8m4": ("melora", {"rank": 8, "mini": 4}),

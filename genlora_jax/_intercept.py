@@ -150,8 +150,10 @@ def pregenerate(params: Mapping) -> Params:
     adapters' arrays, so gradients flow back to the latents and generators.
     ``apply(..., batch_generators=True)`` does this; call it yourself when you
     enter `adapted` directly: ``model(..., params=model_params(pregenerate(params)))``.
-    Measured on SmolLM2 (`benchmarks.isolated`, CPU): step time and compile
-    time unchanged within noise, peak RSS 12 % higher, so it is opt-in.
+    Measured on SmolLM2 (CPU, BENCHMARKS.md), it does not pay, so it is
+    opt-in: at r = 8 step time is unchanged within noise and peak RSS 12 %
+    higher; at r = 64 the step is 1.079 × (1.060–1.097) LoRA r = 64's with
+    batching and 0.998 × (0.985–1.012) without (`benchmarks.paired`).
 
     Args:
         params: a wrapped tree (or `model_params` of one).

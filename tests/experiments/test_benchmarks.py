@@ -88,6 +88,7 @@ def test_isolated_table_names_every_ratio_and_whether_its_target_is_met():
         {
             "minilm/lora-r8": rows(100, 102, 98),
             "minilm/genlora-r8g16": rows(100, 101, 99),  # ratio ~1.0: met
+            "minilm/lora-r64": rows(100, 100, 100),
             "minilm/genlora-r64g16": rows(120, 125, 118),  # ~1.21: not met
         },
         header="- test",
@@ -95,10 +96,13 @@ def test_isolated_table_names_every_ratio_and_whether_its_target_is_met():
     lines = {line.split("|")[1].strip(): line for line in table.splitlines() if "` / `" in line}
     assert set(lines) == {
         "`minilm/genlora-r8g16` / `minilm/lora-r8`",
+        "`minilm/genlora-r64g16` / `minilm/lora-r64`",
         "`minilm/genlora-r64g16` / `minilm/lora-r8`",
     }
     assert "| yes" in lines["`minilm/genlora-r8g16` / `minilm/lora-r8`"]
-    assert "**no**" in lines["`minilm/genlora-r64g16` / `minilm/lora-r8`"]
+    assert "**no**" in lines["`minilm/genlora-r64g16` / `minilm/lora-r64`"]
+    # across ranks the rank's own matmuls are in the ratio: reported without a target
+    assert lines["`minilm/genlora-r64g16` / `minilm/lora-r8`"].endswith("| – | – |")
     assert "| `minilm/lora-r8` | jax step, LoRA r=8 | 100 (98–102) | 2.0 (2.0–2.0) | – | 100 |" in (
         table.replace("100 (100–100)", "100")
     )
@@ -134,6 +138,19 @@ def test_an_isolated_child_reports_its_measurements():
     row = run_child("minilm/lora-r8", warmup=0, steps=1, timeout=300)
     assert row["name"] == "minilm/lora-r8"
     assert row["median_s"] > 0 and row["compile_s"] > 0 and row["peak_rss_mib"] > 50
+    assert 50 < row["floor_rss_mib"] < row["built_rss_mib"]
+    assert row["above_floor_mib"] == row["peak_rss_mib"] - row["floor_rss_mib"]
+
+
+def test_only_torch_candidates_keep_torch_importable():
+    from benchmarks.isolated import CANDIDATES, uses_torch
+
+    torch_ones = {name for name in CANDIDATES if uses_torch(name)}
+    assert torch_ones == {
+        "smollm2/peft-lora-r8",
+        "smollm2/decode-torch",
+        "minilm/peft-lora-r8",
+    }
 
 
 # ------------------------------------------------------------- benchmarks.step_memory
@@ -156,3 +173,75 @@ def test_step_memory_table_totals_each_step_against_the_float_default():
     lines = [line for line in table.splitlines() if line.startswith("| float") or "| q4" in line]
     assert lines[0].endswith("| 2,600 | 1.000 |")
     assert "| 128-token chunks | yes | memory | 200 | 595 | 800 | 0.308 |" in lines[1]
+
+
+# ---------------------------------------------------------------- benchmarks.paired
+
+
+def test_abba_block_ratio_cancels_a_linear_drift():
+    from benchmarks.paired import block_ratios
+
+    # A is exactly 1.1 × B; every call is 0.05 s slower than the one before it
+    drift = [0.05 * i for i in range(8)]
+    a = [(1.1 + drift[0]), (1.1 + drift[3]), (1.1 + drift[4]), (1.1 + drift[7])]
+    b = [(1.0 + drift[1]), (1.0 + drift[2]), (1.0 + drift[5]), (1.0 + drift[6])]
+    ratios = block_ratios([(a[0], a[1]), (a[2], a[3])], [(b[0], b[1]), (b[2], b[3])])
+    # (2.2 + d0 + d3) / (2.0 + d1 + d2): equal drift sums, so only the 0.2 s gap remains
+    assert ratios == pytest.approx([(2.2 + 0.15) / (2.0 + 0.15), (2.2 + 0.55) / (2.0 + 0.55)])
+    assert all(r > 1 for r in ratios)
+
+
+def test_interference_check_compares_each_call_after_the_other_with_after_itself():
+    from benchmarks.paired import interference
+
+    # A is slowed by 20 % right after B; B is never slowed
+    a = [(1.0, 1.2), (1.0, 1.2), (1.0, 1.2)]
+    b = [(2.0, 2.0), (2.0, 2.0), (2.0, 2.0)]
+    check = interference(a, b)
+    assert check["num"] == pytest.approx([1.2, 1.2])  # A₂ (after B) / next A₁ (after A₂)
+    assert check["den"] == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_stopping_rule_waits_for_enough_blocks_and_a_narrow_interval():
+    from benchmarks.paired import MIN_BLOCKS, resolved
+
+    assert not resolved([1.0] * (MIN_BLOCKS - 1), 0.01)
+    assert resolved([1.0] * MIN_BLOCKS, 0.01)
+    assert not resolved([0.9, 1.1] * MIN_BLOCKS, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("smollm2/genlora-r8g16", "is not NUM:DEN"),
+        ("smollm2/genlora-r8g16:smollm2/peft-lora-r8", "not a JAX step candidate"),
+        ("smollm2/genlora-r8g16-lean:smollm2/genlora-r8g16", "mixes a -lean candidate"),
+        (" , ", "no pairs given"),
+    ],
+)
+def test_paired_refuses_bad_pairs_with_the_fix(text, message):
+    from benchmarks.paired import parse_pairs
+
+    with pytest.raises(ValueError, match=message):
+        parse_pairs(text)
+
+
+def test_paired_table_says_whether_the_interval_clears_the_target():
+    from benchmarks.paired import render
+
+    def result(num, den, ratio, n=8):
+        a = [(ratio * (1 + 0.01 * (i % 2)), ratio) for i in range(n)]
+        return {"num": num, "den": den, "a": a, "b": [(1.0, 1.0)] * n}
+
+    table = render(
+        [
+            result("minilm/genlora-r8g16", "minilm/lora-r8", 1.0),
+            result("minilm/genlora-r64g16", "minilm/lora-r64", 1.2),
+        ],
+        header="- test",
+    )
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "` / `" in line}
+    r8 = rows["`minilm/genlora-r8g16` / `minilm/lora-r8`"]
+    # block ratios alternate 1.005 and 1: geometric mean √1.005, t-interval with 7 df
+    assert "| 8 | 1000 | 1000 | 1.002 (1.000–1.005) | ≤ 1.01 | yes |" in r8
+    assert "| ≤ 1.03 | **no** |" in rows["`minilm/genlora-r64g16` / `minilm/lora-r64`"]

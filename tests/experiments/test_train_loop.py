@@ -112,3 +112,20 @@ def test_memory_scheduler_flag_is_refused_once_jax_has_started(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
     monkeypatch.setenv("XLA_FLAGS", MEMORY_SCHEDULER_FLAG)
     assert use_memory_scheduler() is True
+
+
+def test_a_donating_step_gives_the_same_update_and_frees_its_inputs(key):
+    from experiments.train import make_step
+
+    base, adapters = gl.split(params_for(key))
+    tx = make_optimizer(CFG)
+    batch, rng = batches(0), jax.random.key(3)
+    plain = make_step(loss_fn, tx)(adapters, tx.init(adapters), base, batch, rng)
+    # copies: the donated arrays are deleted, and `adapters` is still needed above
+    fresh = jax.tree.map(jnp.copy, adapters)
+    state = tx.init(fresh)
+    donated = make_step(loss_fn, tx, donate=True)(fresh, state, base, batch, rng)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(donated), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(x.is_deleted() for x in jax.tree.leaves((fresh, state)))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(base))
