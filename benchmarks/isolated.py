@@ -136,11 +136,19 @@ _T975 += [2.08, 2.074, 2.069, 2.064, 2.06, 2.056, 2.052, 2.048, 2.045, 2.042]
 # ---------------------------------------------------------------- the children
 
 
-def _peak_rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """``field`` of /proc/self/status (VmRSS, VmHWM) in MiB; nan where there is none."""
     status = Path("/proc/self/status")
-    found = re.search(r"^VmHWM:\s*(\d+) kB$", status.read_text(), re.M) if status.exists() else None
-    if found:
-        return int(found.group(1)) / 1024
+    if not status.exists():
+        return math.nan
+    found = re.search(rf"^{field}:\s*(\d+) kB$", status.read_text(), re.M)
+    return int(found.group(1)) / 1024 if found else math.nan
+
+
+def _peak_rss_mib() -> float:
+    peak = _status_mib("VmHWM")
+    if not math.isnan(peak):
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -148,9 +156,7 @@ def _peak_rss_mib() -> float:
 
 def _rss_mib() -> float:
     """The current resident set (VmRSS), MiB; nan where /proc is missing."""
-    status = Path("/proc/self/status")
-    found = re.search(r"^VmRSS:\s*(\d+) kB$", status.read_text(), re.M) if status.exists() else None
-    return int(found.group(1)) / 1024 if found else math.nan
+    return _status_mib("VmRSS")
 
 
 def _import_floor_mib() -> float:
@@ -538,19 +544,14 @@ def main(argv=None) -> str:
     rows = measure(
         names, rounds=args.rounds, warmup=args.warmup, steps=args.steps, timeout=args.timeout
     )
-    from benchmarks.suite import run_header, write
+    from benchmarks.suite import publish
 
-    header = run_header(
-        "benchmarks.isolated",
-        argv,
+    setup = (
         f"each candidate in its own process, {args.rounds} rounds in alternating order; "
-        f"per child {args.warmup} warm-up calls, then the median of {args.steps}",
+        f"per child {args.warmup} warm-up calls, then the median of {args.steps}"
     )
-    table = render(rows, header=header)
-    print(table)
-    if args.out:
-        write(args.out, table, begin=BEGIN, end=END)
-    return table
+    table = lambda header: render(rows, header=header)
+    return publish("benchmarks.isolated", argv, setup, table, args.out, begin=BEGIN, end=END)
 
 
 if __name__ == "__main__":

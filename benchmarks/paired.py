@@ -244,20 +244,15 @@ def main(argv=None) -> str:
         print(f"{num} / {den}: done", file=sys.stderr, flush=True)
         if args.raw:
             args.raw.write_text(json.dumps(results))
-    from benchmarks.suite import run_header, write
+    from benchmarks.suite import publish
 
-    header = run_header(
-        "benchmarks.paired",
-        argv,
+    setup = (
         f"each pair in one fresh process, {args.warmup} warm-up calls each, then ABBA blocks "
         f"until the 95 % interval is within ±{args.resolution:.1%} "
-        f"(at most {args.max_blocks} blocks or {args.max_minutes:g} min)",
+        f"(at most {args.max_blocks} blocks or {args.max_minutes:g} min)"
     )
-    table = render(results, header=header)
-    print(table)
-    if args.out:
-        write(args.out, table, begin=BEGIN, end=END)
-    return table
+    table = lambda header: render(results, header=header)
+    return publish("benchmarks.paired", argv, setup, table, args.out, begin=BEGIN, end=END)
 
 
 if __name__ == "__main__":

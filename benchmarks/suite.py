@@ -257,6 +257,16 @@ def run_header(module: str, argv, setup: str, notes: list[str] = ()) -> str:
     )
 
 
+def publish(module: str, argv, setup: str, render, out: Path | None, *, begin: str, end: str):
+    """``render(header)`` under `run_header`'s lines: printed, written between
+    ``begin`` and ``end`` in ``out`` when given (`write`), and returned."""
+    table = render(run_header(module, argv, setup))
+    print(table)
+    if out:
+        write(out, table, begin=begin, end=end)
+    return table
+
+
 def write(path: Path, table: str, *, begin: str = BEGIN, end: str = END) -> None:
     """Replaces the block between ``begin`` and ``end`` in ``path`` with ``table``;
     appends the marked block when the file has none (creates the file if needed)."""

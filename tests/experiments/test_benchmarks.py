@@ -245,3 +245,19 @@ def test_paired_table_says_whether_the_interval_clears_the_target():
     # block ratios alternate 1.005 and 1: geometric mean √1.005, t-interval with 7 df
     assert "| 8 | 1000 | 1000 | 1.002 (1.000–1.005) | ≤ 1.01 | yes |" in r8
     assert "| ≤ 1.03 | **no** |" in rows["`minilm/genlora-r64g16` / `minilm/lora-r64`"]
+
+
+def test_paired_main_writes_its_table_between_its_markers(tmp_path, monkeypatch):
+    from benchmarks import paired
+
+    def fake_pair(num, den, args):
+        return {"num": num, "den": den, "a": [(1.0, 1.0)] * 6, "b": [(1.0, 1.0)] * 6}
+
+    monkeypatch.setattr(paired, "run_pair", fake_pair)
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(f"# B\n\n{paired.BEGIN}\nstale\n{paired.END}\n\nprose kept\n")
+    table = paired.main(["--pairs", "minilm/genlora-r8g16:minilm/lora-r8", "--out", str(out)])
+    text = out.read_text()
+    assert "stale" not in text and text.endswith("prose kept\n") and table in text
+    assert "- command: `python -m benchmarks.paired --pairs minilm/genlora-r8g16" in table
+    assert "| 1.000 (1.000–1.000) | ≤ 1.01 | yes |" in table
