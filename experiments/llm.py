@@ -40,7 +40,9 @@ Memory (``--lean``): every decoder layer rematerialised in the backward pass
 a time (`experiments.finetune.causal_lm_loss`), and XLA's memory-minimising
 CPU scheduler (`experiments.train.use_memory_scheduler`). The same
 arithmetic; a step needs about a third of the memory and takes longer
-(`benchmarks.isolated`, the ``-lean`` rows).
+(`benchmarks.isolated`, the ``-lean`` rows). ``--remat-layers N`` recomputes
+the first N layers only: between the two in time and memory
+(`benchmarks.step_memory`, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -280,10 +282,21 @@ def parse_args(argv=None):
         help="less memory per step, more time: rematerialised layers, a chunked loss,\n"
         "XLA's memory-minimising CPU scheduler (same arithmetic)",
     )
+    parser.add_argument(
+        "--remat-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --lean: rematerialise only the first N decoder layers (default all);\n"
+        "fewer is faster and keeps more activations",
+    )
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot row")
     parser.add_argument("--checkpoint-every", type=count, default=0)
     parser.add_argument("--out", default="runs/llm")
-    return parse_sweep_args(parser, argv)
+    args = parse_sweep_args(parser, argv)
+    if args.remat_layers is not None and not args.lean:
+        parser.error("--remat-layers N only applies with --lean; add --lean, or drop it.")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -299,7 +312,10 @@ def main(argv=None) -> dict:
         train_all = load_records(root, args.task, "train")
         test = load_records(root, args.task, "test")
         model, base, tokenizer = load_gguf(
-            args.model, dtype=jnp.dtype(args.dtype), quantized=args.base == "q4", remat=args.lean
+            args.model,
+            dtype=jnp.dtype(args.dtype),
+            quantized=args.base == "q4",
+            remat=args.lean if args.remat_layers is None else args.remat_layers,
         )
         if args.base == "nf4":
             base = gl.quant.quantize_base(base)

@@ -134,7 +134,7 @@ def load_gguf(
     *,
     dtype: DTypeLike = jnp.float32,
     quantized: bool = False,
-    remat: bool = False,
+    remat: bool | int = False,
 ) -> tuple[FlaxLlamaForCausalLM, Params, PreTrainedTokenizerFast]:
     """A Llama GGUF file as a Flax causal LM, its params and its tokenizer.
 
@@ -152,7 +152,8 @@ def load_gguf(
             model through `genlora_jax.apply`.
         remat: rematerialise every decoder layer in the backward pass
             (`remat_llama`): the same params and outputs, less memory for a
-            training step, more compute.
+            training step, more compute. An int ``n`` rematerialises the
+            first ``n`` layers only (``0`` none, ``num_hidden_layers`` all).
 
     Returns:
         ``(model, params, tokenizer)``:
@@ -188,9 +189,12 @@ def load_gguf(
     config = llama_config(reader, path)
     if float(config.rope_theta) != 10000.0:
         patch_llama_rope()
-    model_class = RematLlamaForCausalLM if remat else FlaxLlamaForCausalLM
+    layers = None if isinstance(remat, bool) else _remat_count(remat, config.num_hidden_layers)
     with jax.numpy_rank_promotion("allow"):  # the constructor traces transformers' model code
-        model = model_class(config, dtype=dtype, _do_init=False)
+        if remat is False:
+            model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
+        else:
+            model = RematLlamaForCausalLM(config, dtype=dtype, _do_init=False, remat_layers=layers)
     params = _params(reader, config, dtype, path, quantized=quantized)
     if quantized:
         kept = [x for x in jax.tree.leaves(params, is_leaf=_is_blocks) if _is_blocks(x)]
@@ -212,17 +216,24 @@ def load_gguf(
 
 
 class _RematLayers(FlaxLlamaLayerCollection):
-    """The decoder layers, each under `nn.remat`: the backward pass keeps a
-    layer's input (B, L, D) and recomputes its inside (attention scores
-    (B, H, L, L), FFN activations (B, L, F), adapter factors) instead of
-    saving them. Param names are those of `FlaxLlamaLayerCollection`."""
+    """The decoder layers, the first ``remat_layers`` of them (all when None)
+    under `nn.remat`: the backward pass keeps such a layer's input (B, L, D)
+    and recomputes its inside (attention scores (B, H, L, L), FFN activations
+    (B, L, F), adapter factors) instead of saving them. Param names are those
+    of `FlaxLlamaLayerCollection`."""
+
+    remat_layers: int | None = None
 
     def setup(self):
         # positional: self 0, hidden 1, mask 2, positions 3, then the static flags
-        layer = nn.remat(FlaxLlamaDecoderLayer, static_argnums=(4, 5, 6))
+        recomputed = nn.remat(FlaxLlamaDecoderLayer, static_argnums=(4, 5, 6))
+        count = self.config.num_hidden_layers
+        first = count if self.remat_layers is None else self.remat_layers
         self.blocks = [
-            layer(self.config, dtype=self.dtype, name=str(i))
-            for i in range(self.config.num_hidden_layers)
+            (recomputed if i < first else FlaxLlamaDecoderLayer)(
+                self.config, dtype=self.dtype, name=str(i)
+            )
+            for i in range(count)
         ]
 
     def __call__(
@@ -259,6 +270,8 @@ class _RematLayers(FlaxLlamaLayerCollection):
 class _RematLlamaModule(FlaxLlamaModule):
     """`FlaxLlamaModule` (its setup, with `_RematLayers` for the layers)."""
 
+    remat_layers: int | None = None
+
     def setup(self):
         self.hidden_size = self.config.hidden_size
         self.embed_tokens = nn.Embed(
@@ -267,15 +280,19 @@ class _RematLlamaModule(FlaxLlamaModule):
             embedding_init=jax.nn.initializers.normal(stddev=self.config.initializer_range),
             dtype=self.dtype,
         )
-        self.layers = _RematLayers(self.config, dtype=self.dtype)
+        self.layers = _RematLayers(self.config, dtype=self.dtype, remat_layers=self.remat_layers)
         self.norm = FlaxLlamaRMSNorm(self.config, dtype=self.dtype)
 
 
 class _RematLlamaForCausalLMModule(FlaxLlamaForCausalLMModule):
     """`FlaxLlamaForCausalLMModule` (its setup, with `_RematLlamaModule`)."""
 
+    remat_layers: int | None = None
+
     def setup(self):
-        self.model = _RematLlamaModule(self.config, dtype=self.dtype)
+        self.model = _RematLlamaModule(
+            self.config, dtype=self.dtype, remat_layers=self.remat_layers
+        )
         self.lm_head = nn.Dense(
             self.config.vocab_size,
             use_bias=False,
@@ -288,22 +305,61 @@ class RematLlamaForCausalLM(FlaxLlamaForCausalLM):
     """`FlaxLlamaForCausalLM` whose decoder layers are rematerialised in the
     backward pass (`nn.remat`). The params and outputs are those of
     `FlaxLlamaForCausalLM`; a training step keeps one (B, L, D) state per
-    layer instead of every activation, at the cost of a second forward pass
-    through each layer. Build it with ``load_gguf(..., remat=True)`` or
-    `remat_llama`."""
+    rematerialised layer instead of its every activation, at the cost of a
+    second forward pass through it. ``remat_layers=n`` (a keyword of the
+    constructor) rematerialises the first ``n`` layers only, a point between
+    the plain model's time and the fully rematerialised model's memory (the
+    peak is set by how many layers keep their activations, not which). Build
+    it with ``load_gguf(..., remat=True | n)`` or `remat_llama`."""
 
     module_class = _RematLlamaForCausalLMModule
 
+    @property
+    def remat_layers(self) -> int:
+        """How many decoder layers are rematerialised (the first ones)."""
+        chosen = self.module.remat_layers
+        return self.config.num_hidden_layers if chosen is None else chosen
 
-def remat_llama(model: FlaxLlamaForCausalLM) -> RematLlamaForCausalLM:
+
+def remat_llama(model: FlaxLlamaForCausalLM, layers: int | None = None) -> RematLlamaForCausalLM:
     """``model`` (a `FlaxLlamaForCausalLM`) with rematerialised decoder layers,
-    for the same params; see `RematLlamaForCausalLM`."""
+    for the same params; see `RematLlamaForCausalLM`.
+
+    Args:
+        model: the model to rebuild (its config and dtype are kept).
+        layers: how many decoder layers, counted from the first, to
+            rematerialise; None (default) for all of them.
+
+    Raises:
+        TypeError: ``model`` is not a `FlaxLlamaForCausalLM`.
+        ValueError: ``layers`` is not an int in ``[0, num_hidden_layers]``.
+    """
     if not isinstance(model, FlaxLlamaForCausalLM):
         raise TypeError(
             f"remat_llama takes a transformers FlaxLlamaForCausalLM, got {type(model).__name__}."
         )
+    layers = _remat_count(layers, model.config.num_hidden_layers)
     with jax.numpy_rank_promotion("allow"):
-        return RematLlamaForCausalLM(model.config, dtype=model.dtype, _do_init=False)
+        return RematLlamaForCausalLM(
+            model.config, dtype=model.dtype, _do_init=False, remat_layers=layers
+        )
+
+
+def _remat_count(layers: Any, count: int) -> int | None:
+    """``layers`` checked as a count of rematerialised layers (None for all)."""
+    if layers is None:
+        return None
+    if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)):
+        raise ValueError(
+            f"remat layers must be an int (how many decoder layers to recompute) or None for "
+            f"all, got {layers!r}."
+        )
+    if not 0 <= layers <= count:
+        raise ValueError(
+            f"remat layers={layers} is outside [0, {count}]: the model has {count} decoder "
+            "layers; pass a count between 0 and that (or remat=True for all)."
+        )
+    return int(layers)
 
 
 # --------------------------------------------------------------------------- file

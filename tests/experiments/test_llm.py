@@ -48,3 +48,15 @@ def test_finetune_cli_takes_the_packaged_gguf_and_scores_by_likelihood(tmp_path,
     assert set(results["likelihood"]) == {"ARC-Easy"} and "ARC-Easy" in results["accuracy"]
     rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {"response", "likelihood_choice"} <= set(rows[0])
+
+
+def test_remat_layers_needs_lean_and_a_count_the_model_has(data_dir, capsys, monkeypatch):
+    """``--remat-layers N`` alone is a usage error naming --lean; with --lean, a
+    count outside the model's layers stops before any training, naming the range."""
+    monkeypatch.setattr(llm, "use_memory_scheduler", lambda: True)  # XLA_FLAGS untouched
+    with pytest.raises(SystemExit):
+        llm.parse_args(["--remat-layers", "20"])
+    assert "--remat-layers N only applies with --lean" in capsys.readouterr().err
+    assert llm.parse_args(["--lean", "--remat-layers", "20"]).remat_layers == 20
+    with pytest.raises(SystemExit, match=r"remat layers=31 is outside \[0, 30\]"):
+        llm.main(["--data", str(data_dir), "--lean", "--remat-layers", "31", "--no-zero-shot"])

@@ -11,6 +11,7 @@ import operator
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -253,14 +254,31 @@ def test_remat_llama_keeps_params_outputs_and_gradients():
     """`genlora_jax.models.remat_llama`: the Flax Llama with every decoder layer
     under `nn.remat` takes the same params and gives the same logits, hidden
     states and adapter gradients; the backward pass saves less (one input per
-    layer instead of its activations), which only `benchmarks.isolated` measures."""
-    from conftest import perturbed, tiny_llama_config
+    layer instead of its activations), which only `benchmarks.isolated` measures;
+    ``remat_llama(model, n)`` rematerialises the first ``n`` layers only."""
+    from conftest import tiny_llama_config
 
-    from genlora_jax.models import RematLlamaForCausalLM, remat_llama
+    from genlora_jax.models import remat_llama
 
     config = tiny_llama_config(num_hidden_layers=3)
     plain = tf.FlaxLlamaForCausalLM(config, seed=0)
-    remat = remat_llama(plain)
+    for layers in (None, 2):
+        check_remat_llama(plain, remat_llama(plain, layers), config)
+    with pytest.raises(TypeError, match="FlaxLlamaForCausalLM"):
+        remat_llama(object())
+    for bad in (4, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"remat layers.*(outside \[0, 3\]|must be an int)"):
+            remat_llama(plain, bad)
+
+
+def check_remat_llama(plain, remat, config):
+    """``remat`` gives ``plain``'s logits, hidden states and adapter gradients,
+    and recomputes exactly its `remat_layers` layers (checkpoint primitives in
+    the traced gradient)."""
+    from conftest import perturbed
+
+    from genlora_jax.models import RematLlamaForCausalLM
+
     assert isinstance(remat, RematLlamaForCausalLM)
     assert jax.tree.structure(remat.params_shape_tree) == jax.tree.structure(plain.params)
     params = perturbed(gl.wrap(plain.params, ["q_proj", "v_proj", "up_proj"], CONFIG), 1, 0.3)
@@ -268,16 +286,19 @@ def test_remat_llama_keeps_params_outputs_and_gradients():
     ids = jax.random.randint(jax.random.key(2), (2, 12), 0, config.vocab_size)
     mask = jnp.ones_like(ids).at[1, 9:].set(0)
 
-    def loss(model):
-        def fn(adapters):
-            out = gl.apply(model, gl.join(base, adapters), ids, attention_mask=mask)
-            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], ids[:, 1:])
-            return jnp.sum(ce * mask[:, 1:]), out.logits
+    def loss_value(model, adapters):
+        out = gl.apply(model, gl.join(base, adapters), ids, attention_mask=mask)
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], ids[:, 1:])
+        return jnp.sum(ce * mask[:, 1:]), out.logits
 
+    def loss(model):
+        fn = functools.partial(loss_value, model)
         return jax.jit(jax.value_and_grad(fn, has_aux=True))(adapters)
 
     (l0, logits0), g0 = loss(plain)
     (l1, logits1), g1 = loss(remat)
+    traced = jax.make_jaxpr(jax.grad(lambda a: loss_value(remat, a)[0]))(adapters)
+    assert count_checkpoints(traced.jaxpr) == remat.remat_layers
     assert_f32_close(logits1, logits0, terms=config.intermediate_size, layers=3)
     assert_f32_close(l1, l0, terms=ids.size * config.vocab_size, layers=3)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
@@ -290,5 +311,13 @@ def test_remat_llama_keeps_params_outputs_and_gradients():
     assert len(hidden[1]) == len(hidden[0]) == config.num_hidden_layers + 1
     for a, b in zip(hidden[1], hidden[0], strict=True):
         assert_f32_close(a, b, terms=config.intermediate_size, layers=3)
-    with pytest.raises(TypeError, match="FlaxLlamaForCausalLM"):
-        remat_llama(object())
+
+
+def count_checkpoints(jaxpr) -> int:
+    """`jax.checkpoint` (``nn.remat``) calls in ``jaxpr``, nested ones included."""
+    found = 0
+    for eqn in jaxpr.eqns:
+        found += eqn.primitive.name in ("checkpoint", "remat2", "remat")
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += count_checkpoints(sub)
+    return found
