@@ -41,7 +41,8 @@ Candidates (``CANDIDATES``):
 - ``smollm2/*-lean``: the same step on `genlora_jax.models.remat_llama`
   (every decoder layer recomputed in the backward pass) with the loss taken
   128 tokens at a time (``experiments.finetune.causal_lm_loss(chunk=128)``),
-  so the (B, L, V) logits never exist at once.
+  so the (B, L, V) logits never exist at once. ``-leanN`` recomputes only the
+  first N of the 30 layers (``load_gguf(remat=N)``, ``--remat-layers N``).
 - ``minilm/*``: MiniLM-L6 (BERT) with a two-label head, batch 32 × 64, the
   steps of `benchmarks.suite` (classifier trained too), PEFT as its peer.
 - ``smollm2/decode-*``: greedy KV-cached decoding of 8 prompts × 32 new
@@ -86,6 +87,10 @@ CANDIDATES = {
     "loss in 128-token chunks",
     "smollm2/genlora-r8g16-q4-lean": "jax step, GenLoRA r=8 G=16, Q4_1/Q8_0 base, layers "
     "rematerialised, loss in 128-token chunks",
+    "smollm2/genlora-r8g16-q4-lean24": "jax step, GenLoRA r=8 G=16, Q4_1/Q8_0 base, the first "
+    "24 of 30 layers rematerialised, loss in 128-token chunks",
+    "smollm2/genlora-r8g16-q4-lean20": "jax step, GenLoRA r=8 G=16, Q4_1/Q8_0 base, the first "
+    "20 of 30 layers rematerialised, loss in 128-token chunks",
     "smollm2/peft-lora-r8": "torch step, PEFT LoRA r=8",
     "smollm2/decode-jax": "jax greedy decode, tokens/s",
     "smollm2/decode-torch": "torch greedy decode, tokens/s",
@@ -110,6 +115,8 @@ RATIOS = [
     ("smollm2/genlora-r8g16-nf4", "smollm2/genlora-r8g16", 1.3),
     ("smollm2/genlora-r8g16-lean", "smollm2/genlora-r8g16", None),
     ("smollm2/genlora-r8g16-q4-lean", "smollm2/genlora-r8g16", 1.3),
+    ("smollm2/genlora-r8g16-q4-lean24", "smollm2/genlora-r8g16", 1.3),
+    ("smollm2/genlora-r8g16-q4-lean20", "smollm2/genlora-r8g16", 1.3),
     ("minilm/genlora-r8g16", "minilm/lora-r8", 1.01),
     ("minilm/genlora-r64g16", "minilm/lora-r64", 1.03),
     ("minilm/genlora-r64g16", "minilm/lora-r8", None),
@@ -123,9 +130,12 @@ RSS_RATIOS = [
     ("smollm2/genlora-r8g16-nf4", "smollm2/genlora-r8g16", 0.45),
     ("smollm2/genlora-r8g16-lean", "smollm2/genlora-r8g16", None),
     ("smollm2/genlora-r8g16-q4-lean", "smollm2/genlora-r8g16", 0.45),
+    ("smollm2/genlora-r8g16-q4-lean24", "smollm2/genlora-r8g16", 0.45),
+    ("smollm2/genlora-r8g16-q4-lean20", "smollm2/genlora-r8g16", 0.45),
     ("smollm2/genlora-r8g16-q4-lean", "smollm2/genlora-r8g16-lean", None),
     ("smollm2/genlora-r8g16-donate", "smollm2/genlora-r8g16", None),
 ]
+LEAN = re.compile(r"-lean(\d*)$")
 BEGIN, END = "<!-- isolated:begin -->", "<!-- isolated:end -->"
 # t quantiles (0.975) for 1..30 degrees of freedom, for the ratio intervals.
 _T975 = [12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
@@ -204,7 +214,7 @@ def _smollm2_jax_step(
     method: str,
     batch_generators: bool,
     base_format: str = "float",
-    lean: bool = False,
+    lean: bool | int = False,
     donate: bool = False,
 ):
     import jax.numpy as jnp
@@ -363,9 +373,11 @@ def build(name: str):
     if name == "minilm/peft-lora-r8":
         return _minilm_peft_step()
     if model == "smollm2":
-        lean = method.endswith("-lean")
+        found = LEAN.search(method)  # -lean: every layer recomputed; -leanN: the first N
+        lean = False if found is None else int(found.group(1)) if found.group(1) else True
+        method = LEAN.sub("", method)
         donate = method.endswith("-donate")
-        method = method.removesuffix("-lean").removesuffix("-donate")
+        method = method.removesuffix("-donate")
         batched = method.endswith("-batched")
         base_format = next((f for f in ("q4", "nf4") if method.endswith(f"-{f}")), "float")
         method = method.removesuffix("-batched").removesuffix(f"-{base_format}")
@@ -398,7 +410,7 @@ def child(name: str, warmup: int, steps: int) -> dict:
     The peak RSS covers the calls only (and the arrays they keep), not the
     loading and compiling before them, where the kernel lets the count restart.
     """
-    if name.endswith("-lean"):
+    if LEAN.search(name):
         from experiments.train import use_memory_scheduler
 
         use_memory_scheduler()

@@ -12,11 +12,19 @@ for the same program (CPU figures here).
 - base: ``float`` (dequantized to float32) or ``q4`` (the file's Q4_1/Q8_0
   blocks kept, `genlora_jax.models.load_gguf(quantized=True)`);
 - loss: the whole (B, L, V) logits or 128-token chunks
-  (``experiments.finetune.causal_lm_loss(chunk=128)``);
-- remat: decoder layers under `nn.remat` (`genlora_jax.models.remat_llama`);
+  (``experiments.finetune.causal_lm_loss(chunk=128)``, each chunk's logits
+  recomputed in the backward pass; ``--fused``: its gradient taken in the
+  forward scan instead);
+- remat: decoder layers under `nn.remat` (`genlora_jax.models.remat_llama`),
+  all of them or (``--remat-curve``) the first n;
 - scheduler: XLA's default CPU scheduler or its memory-minimising one
   (`experiments.train.MEMORY_SCHEDULER_FLAG`). The flag is read when JAX
   starts, so each scheduler runs in its own child process.
+
+``--remat-curve 0,10,20,30`` compiles instead the lean 4-bit step
+(q4, chunked loss, memory scheduler) with the first n layers rematerialised,
+for each n, beside the float reference: the memory side of the time/memory
+trade that ``--remat-layers`` (`experiments.llm`) offers.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from benchmarks.isolated import STEP_BATCH
 from experiments.cli import markdown_table
 from experiments.finetune import LEAN_LOSS_CHUNK
 
-# (base, loss chunk, remat)
+# (base, loss chunk, remat: False, True for every layer, or a count of layers)
 CONFIGS = [
     ("float", 0, False),
     ("float", LEAN_LOSS_CHUNK, False),
@@ -42,8 +50,9 @@ CONFIGS = [
 SCHEDULERS = ("default", "memory")
 
 
-def step_memory(base_format: str, chunk: int, remat: bool) -> dict:
-    """XLA's MiB for the step: base arguments, other arguments, temporaries."""
+def step_memory(base_format: str, chunk: int, remat: bool | int, fused: bool = False) -> dict:
+    """XLA's MiB for the step (base arguments, other arguments, temporaries)
+    and its GFLOP (``cost_analysis``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -62,21 +71,24 @@ def step_memory(base_format: str, chunk: int, remat: bool) -> dict:
     ids = jnp.asarray(ids)
     mask = jnp.ones_like(ids)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "loss_mask": mask}
-    step = make_step(causal_lm_loss(model, chunk=chunk), tx)
-    memory = step.lower(adapters, tx.init(adapters), base, batch, None).compile().memory_analysis()
+    step = make_step(causal_lm_loss(model, chunk=chunk, fused=fused), tx)
+    compiled = step.lower(adapters, tx.init(adapters), base, batch, None).compile()
+    memory = compiled.memory_analysis()
     mib = 2**20
     base_mib = sum(x.nbytes for x in jax.tree.leaves(base)) / mib
     return {
         "base": base_format,
         "chunk": chunk,
         "remat": remat,
+        "fused": fused,
+        "gflops": compiled.cost_analysis()["flops"] / 1e9,
         "base_mib": base_mib,
         "other_args_mib": memory.argument_size_in_bytes / mib - base_mib,
         "temp_mib": memory.temp_size_in_bytes / mib,
     }
 
 
-def run_scheduler(scheduler: str) -> list[dict]:
+def run_scheduler(scheduler: str, configs: list[tuple] = CONFIGS) -> list[dict]:
     """Every config in one child process started with ``scheduler``'s XLA flags."""
     from experiments.train import MEMORY_SCHEDULER_FLAG
 
@@ -85,7 +97,7 @@ def run_scheduler(scheduler: str) -> list[dict]:
     if scheduler == "memory":
         flags = f"{flags} {MEMORY_SCHEDULER_FLAG}"
     env["XLA_FLAGS"] = flags.strip()
-    cmd = [sys.executable, "-m", "benchmarks.step_memory", "--child"]
+    cmd = [sys.executable, "-m", "benchmarks.step_memory", "--child", json.dumps(configs)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"the {scheduler} scheduler's child failed:\n{done.stderr[-3000:]}")
@@ -108,40 +120,74 @@ def render(rows: list[dict], command: str) -> str:
     table = [
         [
             r["base"],
-            "whole" if not r["chunk"] else f"{r['chunk']}-token chunks",
-            "yes" if r["remat"] else "no",
+            _loss_label(r),
+            _remat_label(r["remat"]),
             r["scheduler"],
             f"{r['base_mib']:,.0f}",
             f"{r['temp_mib']:,.0f}",
             f"{total(r):,.0f}",
             f"{total(r) / total(reference):.3f}",
+            f"{r['gflops']:,.0f}" if "gflops" in r else "–",
         ]
         for r in rows
     ]
     header = ["base", "loss", "remat", "scheduler", "base MiB", "temporaries MiB"]
-    header += ["step MiB", "/ float, whole, default"]
+    header += ["step MiB", "/ float, whole, default", "GFLOP"]
     return "\n".join(
         [
             f"- command: `{command}`",
             "- SmolLM2-135M, GenLoRA r=8 G=16 on q/k/v, batch 8 × 128, AdamW step of "
             "`experiments.train.make_step`; XLA `memory_analysis()` of the compiled step",
             "",
-            markdown_table(header, "llllrrrr", table),
+            markdown_table(header, "llllrrrrr", table),
         ]
     )
+
+
+def _loss_label(row: dict) -> str:
+    if not row["chunk"]:
+        return "whole"
+    return f"{row['chunk']}-token chunks" + (", fused" if row.get("fused") else "")
+
+
+def _remat_label(remat: bool | int) -> str:
+    if remat is True:
+        return "yes"
+    return "no" if remat is False or remat == 0 else f"first {remat}"
 
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="also write the table here")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--remat-curve",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=None,
+        metavar="N,N,...",
+        help="the lean q4 step with the first N layers rematerialised, for each N",
+    )
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="with --remat-curve: the chunked loss's gradient taken in the forward scan",
+    )
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        for config in CONFIGS:
+        for config in json.loads(args.child):
             print(json.dumps(step_memory(*config)), flush=True)
         return ""
-    rows = [row for scheduler in SCHEDULERS for row in run_scheduler(scheduler)]
-    command = "python -m benchmarks.step_memory" + (f" --out {args.out}" if args.out else "")
+    if args.remat_curve:
+        curve = [("q4", LEAN_LOSS_CHUNK, n, args.fused) for n in args.remat_curve]
+        rows = run_scheduler("default", CONFIGS[:1]) + run_scheduler("memory", curve)
+    else:
+        rows = [row for scheduler in SCHEDULERS for row in run_scheduler(scheduler)]
+    parts = ["python -m benchmarks.step_memory"]
+    if args.remat_curve:
+        parts += ["--remat-curve", ",".join(map(str, args.remat_curve))]
+    parts += ["--fused"] if args.fused else []
+    parts += ["--out", args.out] if args.out else []
+    command = " ".join(parts)
     table = render(rows, command)
     print(table)
     if args.out:

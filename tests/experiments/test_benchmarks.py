@@ -171,8 +171,43 @@ def test_step_memory_table_totals_each_step_against_the_float_default():
         "python -m benchmarks.step_memory",
     )
     lines = [line for line in table.splitlines() if line.startswith("| float") or "| q4" in line]
-    assert lines[0].endswith("| 2,600 | 1.000 |")
-    assert "| 128-token chunks | yes | memory | 200 | 595 | 800 | 0.308 |" in lines[1]
+    assert lines[0].endswith("| 2,600 | 1.000 | – |")
+    assert "| 128-token chunks | yes | memory | 200 | 595 | 800 | 0.308 | – |" in lines[1]
+    flops = render([{**row("float", 0, False, "default", 1995.0), "gflops": 1234.4}], "cmd")
+    assert "| 2,600 | 1.000 | 1,234 |" in flops
+
+
+def test_step_memory_remat_curve_compiles_the_lean_q4_step_per_count(monkeypatch):
+    """``--remat-curve 0,12`` asks the memory-scheduler child for the q4
+    chunked-loss step at each count, and the default child for the float
+    reference only; the table labels each count."""
+    import benchmarks.step_memory as sm
+
+    asked = []
+
+    def fake(scheduler, configs=sm.CONFIGS):
+        asked.append((scheduler, [tuple(c) for c in configs]))
+        rows = []
+        for base, chunk, remat, *fused in configs:
+            temp = 200.0 if base == "float" else 100.0
+            row = dict(base=base, chunk=chunk, remat=remat, scheduler=scheduler, temp_mib=temp)
+            row["fused"] = fused[0] if fused else False
+            rows.append({**row, "base_mib": 10.0, "other_args_mib": 0.0})
+        return rows
+
+    monkeypatch.setattr(sm, "run_scheduler", fake)
+    table = sm.main(["--remat-curve", "0,12"])
+    chunk = sm.LEAN_LOSS_CHUNK
+    curve = [("q4", chunk, 0, False), ("q4", chunk, 12, False)]
+    assert asked == [("default", [sm.CONFIGS[0]]), ("memory", curve)]
+    assert "--remat-curve 0,12" in table
+    assert "| q4 | 128-token chunks | no | memory |" in table
+    assert "| q4 | 128-token chunks | first 12 | memory | 10 | 100 | 110 | 0.524 |" in table
+    asked.clear()
+    table = sm.main(["--remat-curve", "30", "--fused"])
+    assert asked[1] == ("memory", [("q4", chunk, 30, True)])
+    assert "`python -m benchmarks.step_memory --remat-curve 30 --fused`" in table
+    assert "| q4 | 128-token chunks, fused | first 30 | memory |" in table
 
 
 # ---------------------------------------------------------------- benchmarks.paired
@@ -261,3 +296,42 @@ def test_paired_main_writes_its_table_between_its_markers(tmp_path, monkeypatch)
     assert "stale" not in text and text.endswith("prose kept\n") and table in text
     assert "- command: `python -m benchmarks.paired --pairs minilm/genlora-r8g16" in table
     assert "| 1.000 (1.000–1.000) | ≤ 1.01 | yes |" in table
+
+
+# ------------------------------------------------------------ benchmarks.rss_stages
+
+
+def test_rss_stages_table_gives_what_each_stage_adds_and_the_peaks_ratio():
+    from benchmarks.rss_stages import STAGES, render
+
+    def rows(anon_steps, file_steps, peak):
+        anon, file, out = 100.0, 50.0, []
+        for label, a, f in zip(STAGES, anon_steps, file_steps, strict=True):
+            anon, file = anon + a, file + f
+            out.append({"stage": label, "rss": anon + file, "anon": anon, "file": file})
+        out[-1]["peak"] = peak
+        return out
+
+    compile_pages = [0, 0, 0, 0, 80, 0, 0]
+    float_rows = rows([0, 600, 10, 200, 300, -100, 0], compile_pages, 3000.0)
+    q4_rows = rows([0, 200, 10, 200, 300, -100, 0], [0] * 7, 1500.0)
+    table = render(
+        {"smollm2/genlora-r8g16": float_rows, "smollm2/genlora-r8g16-q4-lean": q4_rows},
+        "python -m benchmarks.rss_stages",
+    )
+    load = next(line for line in table.splitlines() if line.startswith("| load "))
+    assert load.startswith("| load | 750 | +600 +0 | 350 | +200 +0 |")
+    calls = next(line for line in table.splitlines() if line.startswith("| calls "))
+    # float: 1,240 resident before the calls, peak 3,000; q4-lean: 760 and 1,500
+    assert calls == "| calls | peak 3,000 | +1,760 | peak 1,500 | +740 |"
+    assert "genlora-r8g16-q4-lean / smollm2/genlora-r8g16: 0.500" in table
+    assert "without the import floor: 0.474" in table
+
+
+def test_rss_stages_refuses_what_is_not_a_smollm2_jax_training_step(capsys):
+    from benchmarks.rss_stages import main
+
+    for name in ("minilm/lora-r8", "smollm2/peft-lora-r8", "smollm2/decode-jax", "smollm2/nope"):
+        with pytest.raises(SystemExit):
+            main(["--candidates", name])
+        assert "not a SmolLM2 JAX training step" in capsys.readouterr().err
