@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks._timing import report
 from benchmarks.isolated import LEAN, _release_freed, _reset_peak, _status_mib
 from experiments.cli import markdown_table
 
@@ -184,12 +185,7 @@ def main(argv=None) -> str:
         for flag, value in (("--candidates", args.candidates), ("--out", args.out))
         if value and (flag != "--candidates" or value != ",".join(DEFAULT))
     )
-    table = render(results, command)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return report(render(results, command), args.out)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 
+from benchmarks._timing import report
 from benchmarks.isolated import STEP_BATCH
 from experiments.cli import markdown_table
 from experiments.finetune import LEAN_LOSS_CHUNK
@@ -188,12 +189,7 @@ def main(argv=None) -> str:
     parts += ["--fused"] if args.fused else []
     parts += ["--out", args.out] if args.out else []
     command = " ".join(parts)
-    table = render(rows, command)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return report(render(rows, command), args.out)
 
 
 if __name__ == "__main__":
