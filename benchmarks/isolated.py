@@ -237,7 +237,7 @@ def _smollm2_jax_step(
     tx = gl.optimizer(optax.adamw(1e-4))
     ids, mask = (jnp.asarray(x) for x in _smollm2_batch())
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "loss_mask": mask}
-    lm_loss = causal_lm_loss(model, chunk=LEAN_LOSS_CHUNK if lean else 0)
+    lm_loss = causal_lm_loss(model, chunk=LEAN_LOSS_CHUNK if lean is not False else 0)
 
     def loss_fn(params, batch, rng):
         return lm_loss(gl.pregenerate(params) if batch_generators else params, batch, rng)

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.isolated import CANDIDATES, RATIOS, ratio_interval
+from benchmarks.isolated import CANDIDATES, LEAN, RATIOS, ratio_interval
 from experiments.cli import positive_int
 
 BEGIN, END = "<!-- paired:begin -->", "<!-- paired:end -->"
@@ -66,7 +66,7 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
         for name in (num, den):
             if name not in allowed:
                 raise ValueError(f"{name!r} is not a JAX step candidate; choose from {allowed}.")
-        if num.endswith("-lean") != den.endswith("-lean"):
+        if bool(LEAN.search(num)) != bool(LEAN.search(den)):
             raise ValueError(
                 f"pair {item!r} mixes a -lean candidate with a plain one: -lean needs XLA's "
                 "memory scheduler, which is process-wide. Time such pairs with benchmarks.isolated."
@@ -109,7 +109,7 @@ def child(num: str, den: str, *, warmup: int, resolution: float, max_blocks: int
 
     from benchmarks.isolated import build
 
-    if num.endswith("-lean"):
+    if LEAN.search(num):
         from experiments.train import use_memory_scheduler
 
         use_memory_scheduler()

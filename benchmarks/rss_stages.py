@@ -148,7 +148,7 @@ def render(results: dict[str, list[dict]], command: str) -> str:
         table.append(line)
     peaks = {name: results[name][-1]["peak"] for name in names}
     lines = [f"- command: `{command}`", ""]
-    lines.append(markdown_table(header, "l" + "rr" * len(names), table))
+    lines += [markdown_table(header, "l" + "rr" * len(names), table), ""]
     first = names[0]
     above = {name: peaks[name] - results[name][0]["rss"] for name in names}
     for name in names[1:]:
@@ -172,7 +172,8 @@ def main(argv=None) -> str:
 
     names = args.candidates.split(",")
     steps = [n for n in CANDIDATES if n.startswith("smollm2/") and not uses_torch(n)]
-    steps = [n for n in steps if "decode" not in n]
+    # the child builds the plain step: no decoding, pregenerated factors or donation
+    steps = [n for n in steps if not any(k in n for k in ("decode", "batched", "donate"))]
     wrong = [n for n in names if n not in steps]
     if wrong:
         parser.error(f"--candidates {wrong}: not a SmolLM2 JAX training step; choose from {steps}")

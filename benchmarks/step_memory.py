@@ -174,6 +174,8 @@ def main(argv=None) -> str:
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.fused and not args.remat_curve:
+        parser.error("--fused applies to --remat-curve only; add --remat-curve N,... or drop it.")
     if args.child:
         for config in json.loads(args.child):
             print(json.dumps(step_memory(*config)), flush=True)

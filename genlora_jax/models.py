@@ -189,6 +189,8 @@ def load_gguf(
     config = llama_config(reader, path)
     if float(config.rope_theta) != 10000.0:
         patch_llama_rope()
+    if remat is None:
+        raise ValueError("remat must be False, True or a count of layers, got None.")
     layers = None if isinstance(remat, bool) else _remat_count(remat, config.num_hidden_layers)
     with jax.numpy_rank_promotion("allow"):  # the constructor traces transformers' model code
         if remat is False:
@@ -306,11 +308,10 @@ class RematLlamaForCausalLM(FlaxLlamaForCausalLM):
     backward pass (`nn.remat`). The params and outputs are those of
     `FlaxLlamaForCausalLM`; a training step keeps one (B, L, D) state per
     rematerialised layer instead of its every activation, at the cost of a
-    second forward pass through it. ``remat_layers=n`` (a keyword of the
-    constructor) rematerialises the first ``n`` layers only, a point between
-    the plain model's time and the fully rematerialised model's memory (the
-    peak is set by how many layers keep their activations, not which). Build
-    it with ``load_gguf(..., remat=True | n)`` or `remat_llama`."""
+    second forward pass through it. With ``n`` layers, only the first ``n``
+    are rematerialised, a point between the plain model's time and the fully
+    rematerialised model's memory. Build it with ``load_gguf(..., remat=True |
+    n)`` or `remat_llama`, which check ``n``."""
 
     module_class = _RematLlamaForCausalLMModule
 
@@ -627,7 +628,9 @@ def _params(
                 f"{path}: tensor {name} has shape {weight.shape} (after transposing), the "
                 f"config needs {shapes[target]} for {'/'.join(target)}."
             )
-        flat[target] = jnp.asarray(weight, dtype=dtype)
+        # a copy: an F32 tensor is a view of the memory-mapped file, and an array
+        # aliasing it would keep the whole mapping (~the file's size) resident
+        flat[target] = jnp.array(weight, dtype=dtype, copy=True)
         if name == "token_embd.weight" and config.tie_word_embeddings and not kind:
             flat[("lm_head", "kernel")] = jnp.asarray(weight.T, dtype=dtype)
         del weight

@@ -251,6 +251,7 @@ def test_stopping_rule_waits_for_enough_blocks_and_a_narrow_interval():
         ("smollm2/genlora-r8g16", "is not NUM:DEN"),
         ("smollm2/genlora-r8g16:smollm2/peft-lora-r8", "not a JAX step candidate"),
         ("smollm2/genlora-r8g16-lean:smollm2/genlora-r8g16", "mixes a -lean candidate"),
+        ("smollm2/genlora-r8g16-q4-lean24:smollm2/genlora-r8g16", "mixes a -lean candidate"),
         (" , ", "no pairs given"),
     ],
 )
@@ -259,6 +260,13 @@ def test_paired_refuses_bad_pairs_with_the_fix(text, message):
 
     with pytest.raises(ValueError, match=message):
         parse_pairs(text)
+
+
+def test_paired_takes_two_lean_steps_of_any_depth():
+    from benchmarks.paired import parse_pairs
+
+    pair = ("smollm2/genlora-r8g16-q4-lean24", "smollm2/genlora-r8g16-q4-lean")
+    assert parse_pairs(":".join(pair)) == [pair]
 
 
 def test_paired_table_says_whether_the_interval_clears_the_target():

@@ -370,6 +370,21 @@ def test_fused_head_loss_gives_every_gradient_and_skips_the_head_recompute_when_
         flops[fused] = frozen.cost_analysis()["flops"]
     # per chunk, unfused: logits, logits again, the backward matmul; fused: logits, backward
     assert flops[True] < 0.75 * flops[False]
+    # a bfloat16 model: the fused gradient keeps the hidden states' dtype, so a
+    # bfloat16 op before the loss (here a scale, as the final RMSNorm) transposes
+    scale = jnp.full((1, 1, 8), 1.5, jnp.bfloat16)
+    grads = {}
+    for fused in (True, False):
+
+        def scaled(s, fused=fused):
+            h = hidden.astype(jnp.bfloat16) * s
+            return finetune.chunked_head_loss(h, kernel, labels, mask, 3, jnp.bfloat16, fused=fused)
+
+        grads[fused] = jax.grad(scaled)(scale)
+        assert grads[fused].dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        grads[True].astype(np.float32), grads[False].astype(np.float32), rtol=2e-2
+    )
 
 
 @pytest.mark.lenient

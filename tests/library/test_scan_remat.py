@@ -263,7 +263,9 @@ def test_remat_llama_keeps_params_outputs_and_gradients():
     config = tiny_llama_config(num_hidden_layers=3)
     plain = tf.FlaxLlamaForCausalLM(config, seed=0)
     for layers in (None, 2):
-        check_remat_llama(plain, remat_llama(plain, layers), config)
+        remat = remat_llama(plain, layers)
+        assert remat.remat_layers == (3 if layers is None else layers)
+        check_remat_llama(plain, remat, config)
     with pytest.raises(TypeError, match="FlaxLlamaForCausalLM"):
         remat_llama(object())
     for bad in (4, -1, 1.5, True):
