@@ -373,16 +373,23 @@ def build(name: str):
     if name == "minilm/peft-lora-r8":
         return _minilm_peft_step()
     if model == "smollm2":
-        found = LEAN.search(method)  # -lean: every layer recomputed; -leanN: the first N
-        lean = False if found is None else int(found.group(1)) if found.group(1) else True
-        method = LEAN.sub("", method)
-        donate = method.endswith("-donate")
-        method = method.removesuffix("-donate")
-        batched = method.endswith("-batched")
-        base_format = next((f for f in ("q4", "nf4") if method.endswith(f"-{f}")), "float")
-        method = method.removesuffix("-batched").removesuffix(f"-{base_format}")
-        return _smollm2_jax_step(method, batched, base_format, lean, donate)
+        return _smollm2_jax_step(*smollm2_step_options(method))
     return _minilm_step(method)
+
+
+def smollm2_step_options(method: str) -> tuple[str, bool, str, bool | int, bool]:
+    """A SmolLM2 step candidate's method part (``genlora-r8g16-q4-lean24``) as
+    ``(method, batched, base format, lean, donate)`` for `_smollm2_jax_step`:
+    ``-lean`` recomputes every layer (True), ``-leanN`` the first N."""
+    found = LEAN.search(method)
+    lean = False if found is None else int(found.group(1)) if found.group(1) else True
+    method = LEAN.sub("", method)
+    donate = method.endswith("-donate")
+    method = method.removesuffix("-donate")
+    batched = method.endswith("-batched")
+    base_format = next((f for f in ("q4", "nf4") if method.endswith(f"-{f}")), "float")
+    method = method.removesuffix("-batched").removesuffix(f"-{base_format}")
+    return method, batched, base_format, lean, donate
 
 
 def _release_freed() -> None:

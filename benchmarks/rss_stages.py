@@ -31,7 +31,12 @@ import sys
 import time
 
 from benchmarks._timing import report
-from benchmarks.isolated import LEAN, _release_freed, _reset_peak, _status_mib
+from benchmarks.isolated import (
+    _release_freed,
+    _reset_peak,
+    _status_mib,
+    smollm2_step_options,
+)
 from experiments.cli import markdown_table
 
 DEFAULT = ("smollm2/genlora-r8g16", "smollm2/genlora-r8g16-q4-lean")
@@ -53,11 +58,7 @@ def _sample() -> dict:
 def child(name: str) -> list[dict]:
     """The stages of candidate ``name``: MiB resident after each, and seconds."""
     method = name.split("/", 1)[1]
-    found = LEAN.search(method)
-    lean = False if found is None else int(found.group(1)) if found.group(1) else True
-    method = LEAN.sub("", method)
-    base_format = next((f for f in ("q4", "nf4") if method.endswith(f"-{f}")), "float")
-    method = method.removesuffix(f"-{base_format}")
+    method, _, base_format, lean, _ = smollm2_step_options(method)
     if lean is not False:
         from experiments.train import use_memory_scheduler
 
