@@ -40,8 +40,9 @@ Candidates (``CANDIDATES``):
   (`genlora_jax.quant`), dequantized inside the step.
 - ``smollm2/*-lean``: the same step on `genlora_jax.models.remat_llama`
   (every decoder layer recomputed in the backward pass) with the loss taken
-  128 tokens at a time (``experiments.finetune.causal_lm_loss(chunk=128)``),
-  so the (B, L, V) logits never exist at once. ``-leanN`` recomputes only the
+  6,144 words of the vocabulary at a time
+  (``experiments.finetune.lean_causal_lm_loss``), so the (B, L, V) logits
+  never exist at once. ``-leanN`` recomputes only the
   first N of the 30 layers (``load_gguf(remat=N)``, ``--remat-layers N``).
 - ``minilm/*``: MiniLM-L6 (BERT) with a two-label head, batch 32 × 64, the
   steps of `benchmarks.suite` (classifier trained too), PEFT as its peer.
@@ -84,13 +85,13 @@ CANDIDATES = {
     "smollm2/genlora-r8g16-q4": "jax step, GenLoRA r=8 G=16, base kept in its Q4_1/Q8_0 blocks",
     "smollm2/genlora-r8g16-nf4": "jax step, GenLoRA r=8 G=16, base in NF4",
     "smollm2/genlora-r8g16-lean": "jax step, GenLoRA r=8 G=16, layers rematerialised, "
-    "loss in 128-token chunks",
+    "loss by vocabulary slices",
     "smollm2/genlora-r8g16-q4-lean": "jax step, GenLoRA r=8 G=16, Q4_1/Q8_0 base, layers "
-    "rematerialised, loss in 128-token chunks",
+    "rematerialised, loss by vocabulary slices",
     "smollm2/genlora-r8g16-q4-lean24": "jax step, GenLoRA r=8 G=16, Q4_1/Q8_0 base, the first "
-    "24 of 30 layers rematerialised, loss in 128-token chunks",
+    "24 of 30 layers rematerialised, loss by vocabulary slices",
     "smollm2/genlora-r8g16-q4-lean20": "jax step, GenLoRA r=8 G=16, Q4_1/Q8_0 base, the first "
-    "20 of 30 layers rematerialised, loss in 128-token chunks",
+    "20 of 30 layers rematerialised, loss by vocabulary slices",
     "smollm2/peft-lora-r8": "torch step, PEFT LoRA r=8",
     "smollm2/decode-jax": "jax greedy decode, tokens/s",
     "smollm2/decode-torch": "torch greedy decode, tokens/s",
@@ -223,7 +224,7 @@ def _smollm2_jax_step(
     import genlora_jax as gl
     from benchmarks._timing import compile_stats
     from benchmarks.methods import method_config
-    from experiments.finetune import LEAN_LOSS_CHUNK, causal_lm_loss
+    from experiments.finetune import causal_lm_loss, lean_causal_lm_loss
     from experiments.train import make_step
     from genlora_jax.models import load_gguf
 
@@ -237,7 +238,7 @@ def _smollm2_jax_step(
     tx = gl.optimizer(optax.adamw(1e-4))
     ids, mask = (jnp.asarray(x) for x in _smollm2_batch())
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "loss_mask": mask}
-    lm_loss = causal_lm_loss(model, chunk=LEAN_LOSS_CHUNK if lean is not False else 0)
+    lm_loss = lean_causal_lm_loss(model) if lean is not False else causal_lm_loss(model)
 
     def loss_fn(params, batch, rng):
         return lm_loss(gl.pregenerate(params) if batch_generators else params, batch, rng)

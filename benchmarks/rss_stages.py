@@ -71,7 +71,7 @@ def child(name: str) -> list[dict]:
     import genlora_jax as gl
     from benchmarks.isolated import _smollm2_batch
     from benchmarks.methods import method_config
-    from experiments.finetune import LEAN_LOSS_CHUNK, causal_lm_loss
+    from experiments.finetune import causal_lm_loss, lean_causal_lm_loss
     from experiments.train import make_step
     from genlora_jax.models import load_gguf
 
@@ -95,7 +95,7 @@ def child(name: str) -> list[dict]:
     ids, mask = (jnp.asarray(x) for x in _smollm2_batch())
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "loss_mask": mask}
     stage("adapters")
-    loss = causal_lm_loss(model, chunk=LEAN_LOSS_CHUNK if lean is not False else 0)
+    loss = lean_causal_lm_loss(model) if lean is not False else causal_lm_loss(model)
     step = make_step(loss, tx)
     lowered = step.lower(adapters, state, base, batch, None)
     stage("lowered")

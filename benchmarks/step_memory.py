@@ -11,10 +11,11 @@ for the same program (CPU figures here).
 
 - base: ``float`` (dequantized to float32) or ``q4`` (the file's Q4_1/Q8_0
   blocks kept, `genlora_jax.models.load_gguf(quantized=True)`);
-- loss: the whole (B, L, V) logits or 128-token chunks
+- loss: the whole (B, L, V) logits, 128-token chunks
   (``experiments.finetune.causal_lm_loss(chunk=128)``, each chunk's logits
   recomputed in the backward pass; ``--fused``: its gradient taken in the
-  forward scan instead);
+  forward scan instead) or 6,144-word slices of the vocabulary
+  (``causal_lm_loss(vocab_rows=6144)``, ``--lean``'s loss);
 - remat: decoder layers under `nn.remat` (`genlora_jax.models.remat_llama`),
   all of them or (``--remat-curve``) the first n;
 - scheduler: XLA's default CPU scheduler or its memory-minimising one
@@ -22,7 +23,8 @@ for the same program (CPU figures here).
   starts, so each scheduler runs in its own child process.
 
 ``--remat-curve 0,10,20,30`` compiles instead the lean 4-bit step
-(q4, chunked loss, memory scheduler) with the first n layers rematerialised,
+(q4, the loss by vocabulary slices, or with ``--fused`` the fused 128-token
+chunks, memory scheduler) with the first n layers rematerialised,
 for each n, beside the float reference: the memory side of the time/memory
 trade that ``--remat-layers`` (`experiments.llm`) offers.
 """
@@ -38,20 +40,24 @@ import sys
 from benchmarks._timing import report
 from benchmarks.isolated import STEP_BATCH
 from experiments.cli import markdown_table
-from experiments.finetune import LEAN_LOSS_CHUNK
+from experiments.finetune import LEAN_LOSS_CHUNK, LEAN_VOCAB_ROWS
 
-# (base, loss chunk, remat: False, True for every layer, or a count of layers)
+# (base, loss chunk, remat: False, True for every layer, or a count of layers
+#  [, fused, vocabulary rows per slice])
 CONFIGS = [
     ("float", 0, False),
     ("float", LEAN_LOSS_CHUNK, False),
     ("float", LEAN_LOSS_CHUNK, True),
     ("q4", 0, False),
     ("q4", LEAN_LOSS_CHUNK, True),
+    ("q4", 0, True, False, LEAN_VOCAB_ROWS),  # --lean
 ]
 SCHEDULERS = ("default", "memory")
 
 
-def step_memory(base_format: str, chunk: int, remat: bool | int, fused: bool = False) -> dict:
+def step_memory(
+    base_format: str, chunk: int, remat: bool | int, fused: bool = False, vocab_rows: int = 0
+) -> dict:
     """XLA's MiB for the step (base arguments, other arguments, temporaries)
     and its GFLOP (``cost_analysis``)."""
     import jax
@@ -72,19 +78,22 @@ def step_memory(base_format: str, chunk: int, remat: bool | int, fused: bool = F
     ids = jnp.asarray(ids)
     mask = jnp.ones_like(ids)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "loss_mask": mask}
-    step = make_step(causal_lm_loss(model, chunk=chunk, fused=fused), tx)
+    step = make_step(causal_lm_loss(model, chunk=chunk, fused=fused, vocab_rows=vocab_rows), tx)
     compiled = step.lower(adapters, tx.init(adapters), base, batch, None).compile()
     memory = compiled.memory_analysis()
     mib = 2**20
-    base_mib = sum(x.nbytes for x in jax.tree.leaves(base)) / mib
+    # XLA counts each argument; a tied head and its table share one buffer,
+    # counted once here (`gl.quant.nbytes`)
+    leaves_mib = sum(x.nbytes for x in jax.tree.leaves(base)) / mib
     return {
         "base": base_format,
         "chunk": chunk,
         "remat": remat,
         "fused": fused,
+        "vocab_rows": vocab_rows,
         "gflops": compiled.cost_analysis()["flops"] / 1e9,
-        "base_mib": base_mib,
-        "other_args_mib": memory.argument_size_in_bytes / mib - base_mib,
+        "base_mib": gl.quant.nbytes(base) / mib,
+        "other_args_mib": memory.argument_size_in_bytes / mib - leaves_mib,
         "temp_mib": memory.temp_size_in_bytes / mib,
     }
 
@@ -146,6 +155,8 @@ def render(rows: list[dict], command: str) -> str:
 
 
 def _loss_label(row: dict) -> str:
+    if row.get("vocab_rows"):
+        return f"{row['vocab_rows']}-word vocabulary slices"
     if not row["chunk"]:
         return "whole"
     return f"{row['chunk']}-token chunks" + (", fused" if row.get("fused") else "")
@@ -170,7 +181,8 @@ def main(argv=None) -> str:
     parser.add_argument(
         "--fused",
         action="store_true",
-        help="with --remat-curve: the chunked loss's gradient taken in the forward scan",
+        help="with --remat-curve: 128-token chunks, each one's gradient taken in the forward "
+        "scan (instead of the lean loss's vocabulary slices)",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -181,7 +193,10 @@ def main(argv=None) -> str:
             print(json.dumps(step_memory(*config)), flush=True)
         return ""
     if args.remat_curve:
-        curve = [("q4", LEAN_LOSS_CHUNK, n, args.fused) for n in args.remat_curve]
+        if args.fused:
+            curve = [("q4", LEAN_LOSS_CHUNK, n, True) for n in args.remat_curve]
+        else:
+            curve = [("q4", 0, n, False, LEAN_VOCAB_ROWS) for n in args.remat_curve]
         rows = run_scheduler("default", CONFIGS[:1]) + run_scheduler("memory", curve)
     else:
         rows = [row for scheduler in SCHEDULERS for row in run_scheduler(scheduler)]

@@ -78,11 +78,16 @@ def resolve_train_data(preset: Preset, data: str | None) -> str:
 
 
 LEAN_LOSS_CHUNK = 128
-"""Tokens per slice of the chunked loss in the low-memory setting (``experiments.llm
---lean``, the ``-lean`` benchmarks): 128 × 49,152 float32 logits are 24 MiB."""
+"""Tokens per slice of the position-chunked loss in `benchmarks.step_memory`'s
+rows: 128 × 49,152 float32 logits are 24 MiB."""
+
+LEAN_VOCAB_ROWS = 6144
+"""Vocabulary rows per slice of the loss in the low-memory setting
+(`lean_causal_lm_loss`: ``experiments.llm --lean``, the ``-lean`` benchmarks):
+1,016 positions × 6,144 float32 logits are 24 MiB, SmolLM2's head 8 slices."""
 
 
-def causal_lm_loss(model, chunk: int = 0, *, fused: bool = False):
+def causal_lm_loss(model, chunk: int = 0, *, fused: bool = False, vocab_rows: int = 0):
     """Mean next-token cross-entropy over the tokens ``loss_mask`` keeps.
 
     Position t predicts ``labels[:, t + 1]`` from ``logits[:, t]``; the mean is
@@ -100,9 +105,22 @@ def causal_lm_loss(model, chunk: int = 0, *, fused: bool = False):
             less work in the head, more memory at the step's peak (measured
             on SmolLM2: +108 MiB of 859). Off by default: the chunked loss is
             there to save memory.
+        vocab_rows: N > 0 (a Llama only, instead of ``chunk``) runs the model
+            without its head and computes the loss N words of the vocabulary
+            at a time for every position (`vocab_sliced_head_loss`): the
+            same value and gradients, one (B·L, N) slice of logits at the
+            peak, and a quantized head dequantized twice per step instead of
+            three times per chunk.
     """
-    if chunk:
-        return _chunked_causal_lm_loss(model, chunk, fused)
+    if chunk and vocab_rows:
+        raise ValueError(
+            f"chunk={chunk} and vocab_rows={vocab_rows}: the loss is cut by positions or by "
+            "the vocabulary, not both; pass one of them."
+        )
+    if fused and not chunk:
+        raise ValueError("fused=True applies to the chunked loss; pass chunk=N too, or drop it.")
+    if chunk or vocab_rows:
+        return _chunked_causal_lm_loss(model, chunk, fused, vocab_rows)
 
     def loss_fn(params, batch, rng):
         logits = gl.apply(
@@ -117,11 +135,19 @@ def causal_lm_loss(model, chunk: int = 0, *, fused: bool = False):
     return loss_fn
 
 
-def _chunked_causal_lm_loss(model, chunk: int, fused: bool):
+def lean_causal_lm_loss(model):
+    """The low-memory setting's loss: `causal_lm_loss` cut by the vocabulary,
+    `LEAN_VOCAB_ROWS` words at a time. Same value and gradients as the
+    whole-logits loss."""
+    return causal_lm_loss(model, vocab_rows=LEAN_VOCAB_ROWS)
+
+
+def _chunked_causal_lm_loss(model, chunk: int, fused: bool, vocab_rows: int = 0):
     if model.config.model_type != "llama":
         raise ValueError(
             f"a chunked loss needs the Llama layout (model.model → hidden, lm_head), got a "
-            f"{model.config.model_type!r} model; use chunk=0 (--loss-chunk 0)."
+            f"{model.config.model_type!r} model; use the whole-logits loss (chunk=0, "
+            "vocab_rows=0; no --lean)."
         )
 
     def hidden(module, ids, mask, positions):
@@ -132,7 +158,8 @@ def _chunked_causal_lm_loss(model, chunk: int, fused: bool):
         if gl.ADAPTER_KEY in head:
             raise ValueError(
                 "the chunked loss applies lm_head's kernel directly and would skip its "
-                "adapter; use chunk=0 (--loss-chunk 0) when lm_head is adapted."
+                "adapter; use the whole-logits loss (chunk=0, vocab_rows=0; no --lean) when "
+                "lm_head is adapted."
             )
         ids = batch["input_ids"]
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
@@ -141,10 +168,15 @@ def _chunked_causal_lm_loss(model, chunk: int, fused: bool):
             adapter_rng=rng, method=hidden,
         )  # fmt: skip
         mask = batch["loss_mask"][:, 1:]
-        total = chunked_head_loss(
-            h[:, :-1], head["kernel"], batch["labels"][:, 1:], mask, chunk, model.dtype,
-            fused=fused,
-        )  # fmt: skip
+        if vocab_rows:
+            total = vocab_sliced_head_loss(
+                h[:, :-1], head["kernel"], batch["labels"][:, 1:], mask, vocab_rows, model.dtype
+            )
+        else:
+            total = chunked_head_loss(
+                h[:, :-1], head["kernel"], batch["labels"][:, 1:], mask, chunk, model.dtype,
+                fused=fused,
+            )  # fmt: skip
         return total / jnp.maximum(jnp.sum(mask), 1.0)
 
     return loss_fn
@@ -193,8 +225,8 @@ def chunked_head_loss(
 
     def piece_loss(h_c, k, y_c, m_c):
         """(chunk, D) → () the chunk's masked cross-entropy sum."""
-        if isinstance(k, gl.quant.QuantizedKernel):
-            logits = gl.quant.dense(h_c, k, None, dtype, None)
+        if isinstance(k, gl.quant.QuantizedKernel):  # W (V, D) float a slice at a time
+            logits = gl.quant.dense_in_slices(h_c, k, dtype)
         else:
             logits = h_c.astype(dtype or h_c.dtype) @ k.astype(dtype or h_c.dtype)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y_c)
@@ -230,6 +262,113 @@ def chunked_head_loss(
 
     total_of = jax.custom_vjp(lambda h, k: recomputing(h, k))
     total_of.defvjp(with_hidden_grads, backward)
+    return total_of(h, kernel)
+
+
+def vocab_sliced_head_loss(hidden, kernel, labels, mask, rows: int, dtype=None) -> jax.Array:
+    """Σ mask · cross-entropy(hidden @ kernel, labels), ``rows`` words of the
+    vocabulary at a time for every position (an online log-sum-exp).
+
+    `chunked_head_loss` cuts the positions and takes the whole head for each
+    chunk, so a quantized head is dequantized three times per chunk (forward,
+    recomputation, backward). Cutting the vocabulary instead dequantizes each
+    slice of the head once in the forward pass and once in the backward pass
+    for the whole batch, with the same head matmuls (three per slice: the
+    logits, their recomputation, the hidden states' gradient). The peak holds
+    a (B·T, rows) slice of logits. `jax.custom_vjp`: the forward pass keeps
+    each position's log-sum-exp (B·T floats), the backward pass recomputes
+    each slice's logits and takes softmax − one-hot. Gradients are exact,
+    the head's too (computed only when asked for; compiled away when the
+    head is frozen).
+
+    Args:
+        hidden: (B, T, D) final hidden states.
+        kernel: (D, V) head kernel, float or a `genlora_jax.quant.QuantizedKernel`.
+        labels: (B, T) int next tokens in [0, V); where ``mask`` is 0 any
+            value (e.g. -100), where it is 1 one outside makes the sum NaN.
+        mask: (B, T) 1 where the token counts.
+        rows: the most vocabulary rows per slice; V is cut into the fewest
+            equal slices that respect it (`genlora_jax.quant.slice_plan`).
+        dtype: the head's compute dtype (the model's); None keeps hidden's.
+
+    Returns:
+        () float32, the masked sum (divide by the mask's sum for the mean).
+    """
+    d = hidden.shape[-1]
+    vocab = kernel.shape[-1]
+    if rows < 1:
+        raise ValueError(f"rows={rows}: a slice needs at least one word of the vocabulary.")
+    count, size = gl.quant.slice_plan(vocab, rows)
+    # slice i covers words [start_i, start_i + size) and counts those from i · size on
+    # (the last slice starts early when size does not divide V, never past the end)
+    starts = jnp.asarray([min(i * size, vocab - size) for i in range(count)])
+    h = hidden.reshape(-1, d)
+    y = labels.reshape(-1)
+    m = mask.reshape(-1).astype(jnp.float32)
+    quantized = isinstance(kernel, gl.quant.QuantizedKernel)
+    compute = dtype or h.dtype
+
+    def weight(k, start, anchor):
+        """Words [start, start + size) of W, (size, D): float, dequantized after ``anchor``."""
+        if quantized:
+            piece = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), k)
+            return gl.quant.weight_after(piece.replace(shape=(d, size)), anchor)
+        return jax.lax.dynamic_slice_in_dim(k, start, size, axis=1).T
+
+    def slice_logits(h, w, i, start):
+        """(B·T, size) float32 logits, −inf on the words an earlier slice counted."""
+        z = (h.astype(compute) @ w.astype(compute).T).astype(jnp.float32)
+        counted = start + jnp.arange(size) >= i * size
+        return jnp.where(counted[None, :], z, -jnp.inf)
+
+    def forward(h, k):
+        def body(carry, xs):
+            i, start = xs
+            top, total, picked = carry
+            z = slice_logits(h, weight(k, start, h), i, start)
+            new_top = jnp.maximum(top, jnp.max(z, axis=-1))
+            total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(z - new_top[:, None]), -1)
+            local = y - start
+            inside = (y >= i * size) & (local < size)
+            here = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], -1)[:, 0]
+            return (new_top, total, picked + jnp.where(inside, here, 0.0)), None
+
+        start = (jnp.full(y.shape, -jnp.inf), jnp.zeros(y.shape), jnp.zeros(y.shape))
+        (top, total, picked), _ = jax.lax.scan(body, start, (jnp.arange(count), starts))
+        lse = top + jnp.log(total)
+        # a counted label outside [0, V) has no logit: NaN, as the whole-logits loss gives
+        bad = (m > 0) & ((y < 0) | (y >= vocab))
+        per_token = jnp.where(bad, jnp.nan, m * (lse - picked))
+        return jnp.sum(per_token), (h, k, lse)
+
+    def backward(saved, g):
+        h, k, lse = saved
+        scale = m * g
+
+        def body(dh, xs):
+            i, start = xs
+            w = weight(k, start, g)
+            z = slice_logits(h, w, i, start)
+            onehot = (y - start)[:, None] == jnp.arange(size)[None, :]
+            onehot = onehot & (y >= i * size)[:, None]
+            dz = (jnp.exp(z - lse[:, None]) - onehot) * scale[:, None]  # (B·T, size)
+            dh = dh + (dz.astype(compute) @ w.astype(compute)).astype(dh.dtype)
+            dw = (dz.T.astype(compute) @ h.astype(compute)).astype(jnp.float32)  # (size, D)
+            return dh, dw
+
+        xs = (jnp.arange(count), starts)
+        dh, dws = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), xs)
+        # dL/dW, W (V, D): the slices' rows, the overlapped ones zero in the last
+        overlap = count * size - vocab
+        dw = jnp.concatenate([dws[:-1].reshape(-1, d), dws[-1, overlap:]], axis=0)
+        if quantized:
+            (dk,) = jax.vjp(lambda k: k.weight(), k)[1](dw)
+        else:
+            dk = dw.T.astype(k.dtype)
+        return dh.astype(h.dtype), dk
+
+    total_of = jax.custom_vjp(lambda h, k: forward(h, k)[0])
+    total_of.defvjp(forward, backward)
     return total_of(h, kernel)
 
 

@@ -36,8 +36,9 @@ then the kept rate at every further seed. Every run appends a row to
 ``OUT/<task>-summary.json`` with the table and the command.
 
 Memory (``--lean``): every decoder layer rematerialised in the backward pass
-(`genlora_jax.models.remat_llama`), the loss taken `LEAN_LOSS_CHUNK` tokens at
-a time (`experiments.finetune.causal_lm_loss`), and XLA's memory-minimising
+(`genlora_jax.models.remat_llama`), the loss taken `LEAN_VOCAB_ROWS` words of
+the vocabulary at a time (`experiments.finetune.lean_causal_lm_loss`), a
+quantized head dequantized a slice at a time, and XLA's memory-minimising
 CPU scheduler (`experiments.train.use_memory_scheduler`). The same
 arithmetic; a step needs about a third of the memory and takes longer
 (`benchmarks.isolated`, the ``-lean`` rows). ``--remat-layers N`` recomputes
@@ -74,7 +75,7 @@ from experiments.cli import (
     positive_int,
     results_recorder,
 )
-from experiments.finetune import LEAN_LOSS_CHUNK, causal_lm_loss, training_examples
+from experiments.finetune import causal_lm_loss, lean_causal_lm_loss, training_examples
 from experiments.models import attention_targets
 from experiments.presets import PRESETS, SMOLLM2, SMOLLM2_METHODS, adapter_config
 from experiments.train import NonFiniteLoss, TrainConfig, train, use_memory_scheduler
@@ -178,7 +179,7 @@ def run_one(method, lr, seed, args, model, base, tokenizer, splits, evaluate_val
     try:
         state = train(
             params,
-            causal_lm_loss(model, chunk=LEAN_LOSS_CHUNK if args.lean else 0),
+            lean_causal_lm_loss(model) if args.lean else causal_lm_loss(model),
             make_batches(examples, args.batch_size, tokenizer.pad_token_id, seed),
             cfg,
             out_dir=out,
@@ -279,8 +280,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--lean",
         action="store_true",
-        help="less memory per step, more time: rematerialised layers, a chunked loss,\n"
-        "XLA's memory-minimising CPU scheduler (same arithmetic)",
+        help="less memory per step, more time: rematerialised layers, the loss by\n"
+        "vocabulary slices, XLA's memory-minimising CPU scheduler (same arithmetic)",
     )
     parser.add_argument(
         "--remat-layers",

@@ -62,15 +62,19 @@ def _guard(next_fun, args, kwargs, context):
             "pass `genlora_jax.split(params)[0]`."
         )
     if (
-        context.method_name == "__call__"
+        # an nn.Embed's setup checks the table's shape, before any __call__
+        context.method_name in ("__call__", "setup")
         and _depth() == 0
         and module.scope is not None
-        and module.has_variable("params", "kernel")
-        and isinstance(module.get_variable("params", "kernel"), QuantizedKernel)
+        and any(
+            module.has_variable("params", name)
+            and isinstance(module.get_variable("params", name), QuantizedKernel)
+            for name in ("kernel", "embedding")
+        )
     ):
         path = "/".join(str(p) for p in module.path)
         raise AdapterNotAppliedError(
-            f"{path} holds a quantized kernel, which the model cannot use by itself. Call "
+            f"{path} holds a quantized kernel or table, which the model cannot use by itself. Call "
             "`genlora_jax.apply(model, params, ...)` (it dequantizes), or dequantize first: "
             "`genlora_jax.quant.dequantize_base(params)`."
         )

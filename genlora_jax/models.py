@@ -144,12 +144,14 @@ def load_gguf(
         dtype: a floating dtype (``jnp.float32``, ``jnp.bfloat16``, ...) for the
             params and the model's activations. Weights are dequantized in
             float32 and cast to it.
-        quantized: keep every Q4_1 / Q8_0 projection kernel (and the tied
-            head) in its GGUF blocks, as a `genlora_jax.quant.QuantizedKernel`
+        quantized: keep every Q4_1 / Q8_0 projection kernel (and a tied
+            head with its embedding table, both reading one copy of the
+            blocks) in its GGUF blocks, as a `genlora_jax.quant.QuantizedKernel`
             that `genlora_jax.apply` dequantizes to ``dtype`` inside the step
-            (the same arithmetic as dequantizing here); other tensors (the
-            embedding, norms, other types) are dequantized as usual. Call the
-            model through `genlora_jax.apply`.
+            (the same arithmetic as dequantizing here; the table row by row,
+            only the looked-up tokens); other tensors (norms, an untied
+            embedding, other types) are dequantized as usual. Call the model
+            through `genlora_jax.apply`.
         remat: rematerialise every decoder layer in the backward pass
             (`remat_llama`): the same params and outputs, less memory for a
             training step, more compute. An int ``n`` rematerialises the
@@ -619,6 +621,9 @@ def _params(
             if config.tie_word_embeddings:  # the head is the embedding, (V, D) = W
                 head = ("lm_head", "kernel")
                 flat[head] = from_gguf_blocks(rows, kind, shapes[head], dtype)
+                # the table reads the head's blocks (shared arrays, one copy in memory)
+                flat[target] = flat[head].as_embedding()
+                continue
         weight = _dequantize(tensors[name], path)
         weight = _unpermute(name, weight, config)
         if target[-1] == "kernel":

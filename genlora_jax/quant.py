@@ -3,8 +3,9 @@
 The frozen kernels of a model are most of its memory, and they never train. A
 `QuantizedKernel` keeps one of them in a block format and stands in the tree
 where the float kernel stood; `genlora_jax.apply` computes those modules'
-outputs from the dequantized weight, under `jax.checkpoint`, so the backward
-pass recomputes the weight instead of keeping a float copy of every layer.
+outputs from the dequantized weight (`dense`), which exists only while a
+matmul needs it: the backward pass dequantizes it again instead of keeping a
+float copy of every layer.
 Adapters and optimizer state stay float32.
 
 Formats (values per block; W = the (m, n) weight, blocks run along n):
@@ -68,8 +69,11 @@ class QuantizedKernel(struct.PyTreeNode):
         scales: float32 (m, n / block): d, or absmax for NF4.
         offsets: float32 (m, n / block): Q4_1's m; None for the others.
         kind: "q4_1", "q8_0" or "nf4" (static).
-        shape: the kernel's shape as Flax stores it, (n, m) (static).
+        shape: the array's shape as Flax stores it (static): (n, m) = Wᵀ for
+            a kernel, (m, n) = W for an embedding table.
         dtype: the dtype `dequantize` returns (static).
+        embedding: True for an ``nn.Embed`` table (V, D), whose rows are
+            looked up (`embed`) rather than multiplied (static).
     """
 
     codes: Array
@@ -78,6 +82,7 @@ class QuantizedKernel(struct.PyTreeNode):
     kind: str = struct.field(pytree_node=False)
     shape: tuple[int, ...] = struct.field(pytree_node=False)
     dtype: Any = struct.field(pytree_node=False, default=jnp.dtype(jnp.float32))
+    embedding: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def ndim(self) -> int:
@@ -97,9 +102,16 @@ class QuantizedKernel(struct.PyTreeNode):
             values = jnp.asarray(NF4)[q] * self.scales[..., None]
         return values.reshape(m, -1)
 
-    def dequantize(self) -> Float[Array, "n m"]:
-        """The kernel (n, m) = Wᵀ in ``dtype``."""
-        return self.weight().T.astype(self.dtype)
+    def dequantize(self) -> Float[Array, "n m"] | Float[Array, "m n"]:
+        """The array as Flax stores it, in ``dtype``: a kernel (n, m) = Wᵀ, an
+        embedding table (m, n) = W."""
+        w = self.weight()
+        return (w if self.embedding else w.T).astype(self.dtype)
+
+    def as_embedding(self) -> QuantizedKernel:
+        """The same blocks (shared, not copied) read as an embedding table
+        (m, n) = W: a tied head's kernel doubles as the input embedding."""
+        return self.replace(embedding=True, shape=self.shape[::-1])
 
 
 def from_gguf_blocks(
@@ -218,7 +230,38 @@ def dequantize_base(params: Mapping) -> Params:
     )
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _dense(x, w, bias, dtype, precision):
+    """x Wᵀ + b in ``dtype``, W (m, n) as `QuantizedKernel.weight` gives it."""
+    dtype = dtype or jnp.result_type(x, w)
+    y = jax.lax.dot_general(
+        x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())), precision=precision
+    )
+    if bias is None:
+        return y
+    return y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + bias.shape)
+
+
+def weight_after(kernel: QuantizedKernel, anchor: Array) -> Float[Array, "m n"]:
+    """W dequantized from blocks made to depend on ``anchor``, so that XLA can
+    neither compute it before ``anchor`` exists nor merge it with another
+    dequantization of the same blocks. Common-subexpression elimination
+    would otherwise keep one float W (or its decoded codes) alive from the
+    forward pass to the backward, for every layer at once; on CPU,
+    `jax.lax.optimization_barrier` does not stop that (measured: with a
+    barrier, the backward pass still read the forward pass's W).
+
+    The dependence is a zero XLA cannot fold: ``anchor``'s first element
+    times 0 (not folded for floats, as it is NaN for NaN), converted to the
+    codes' integer type (XLA converts NaN and ±inf·0 to 0), added to the
+    codes. The codes are unchanged."""
+    if not jnp.size(anchor):  # nothing to compute from, nothing to share
+        return kernel.weight().astype(kernel.dtype)
+    tie = (jnp.reshape(anchor, (-1,))[0].astype(jnp.float32) * 0).astype(kernel.codes.dtype)
+    kernel = kernel.replace(codes=kernel.codes + tie)
+    return kernel.weight().astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def dense(
     x: Float[Array, "*batch n"],
     kernel: QuantizedKernel,
@@ -228,22 +271,123 @@ def dense(
 ) -> Float[Array, "*batch m"]:
     """``nn.Dense`` on a quantized kernel: x Wᵀ + b in ``dtype``.
 
-    Under `jax.checkpoint`, so the backward pass recomputes W from the blocks
-    rather than saving a float copy of it.
+    Float W exists only while a matmul needs it: the forward pass dequantizes
+    it after ``x`` is ready, the backward pass dequantizes it again after the
+    output's cotangent is ready (`jax.custom_vjp`; saved between the two: x
+    and the blocks). Without `weight_after`'s tie to ``x`` and to the
+    cotangent, XLA merges the two dequantizations and keeps every layer's
+    float W for the whole step, under `jax.checkpoint` or not. The
+    gradients with respect to ``x`` and ``bias`` are exact; so are those
+    with respect to the float scales and offsets (through W); the integer
+    codes get none. When the base is frozen, the
+    last two are unused and compiled away.
     """
-    w = kernel.dequantize()
-    dtype = dtype or jnp.result_type(x, kernel.dtype)
-    y = jax.lax.dot_general(
-        x.astype(dtype),
-        w.astype(dtype),
-        (((x.ndim - 1,), (0,)), ((), ())),
-        precision=precision,
+    return _dense(x, kernel.weight().astype(kernel.dtype), bias, dtype, precision)
+
+
+def _dense_forward(x, kernel, bias, dtype, precision):
+    y = _dense(x, weight_after(kernel, x), bias, dtype, precision)
+    return y, (x, kernel, bias)
+
+
+def _dense_backward(dtype, precision, saved, g):
+    x, kernel, bias = saved
+    w = weight_after(kernel, g)
+    dtype = dtype or jnp.result_type(x, w)
+    g = g.astype(dtype)
+    dx = jax.lax.dot_general(g, w.astype(dtype), (((g.ndim - 1,), (0,)), ((), ())), precision)
+    batch = tuple(range(g.ndim - 1))
+    # dL/dW (m, n) = gᵀ x, then through W = weight(blocks) to the float leaves
+    dw = jax.lax.dot_general(
+        g, x.astype(dtype), ((batch, batch), ((), ())), precision=precision
+    ).astype(jnp.float32)
+    _, weight_vjp = jax.vjp(lambda k: k.weight(), kernel)
+    (dkernel,) = weight_vjp(dw)
+    dbias = None if bias is None else jnp.sum(g, axis=batch).astype(bias.dtype)
+    return dx.astype(x.dtype), dkernel, dbias
+
+
+dense.defvjp(_dense_forward, _dense_backward)
+
+
+SLICE_BYTES = 16 * 2**20
+"""`dense_in_slices` keeps each dequantized slice of W under this many bytes."""
+
+
+def dense_in_slices(
+    x: Float[Array, "*batch n"], kernel: QuantizedKernel, dtype: Any = None
+) -> Float[Array, "*batch m"]:
+    """`dense` (no bias) with W dequantized a slice of rows at a time.
+
+    For a wide kernel, such as a language model's head (D, V), the float W
+    is much larger than one call's output: SmolLM2's is 108 MiB against
+    24 MiB of logits for 128 tokens. Here W's m rows are cut into the
+    fewest equal slices of at most `SLICE_BYTES` each (`slice_plan`; the
+    last may overlap the one before, whose columns it then drops), and
+    `jax.lax.map` runs `dense` on one slice after the other, forward and
+    backward, so no more than one slice is float at a time. Same arithmetic
+    as `dense`, column by column; a kernel that fits one slice is `dense`.
+
+    Args:
+        x: (..., n) inputs.
+        kernel: a (n, m) `QuantizedKernel`.
+        dtype: the compute dtype; None takes x's and the kernel's.
+
+    Returns:
+        (..., m).
+    """
+    m = kernel.codes.shape[0]
+    n = kernel.shape[0]
+    count, size = slice_plan(m, max(SLICE_BYTES // (4 * n), 1))
+    if count == 1:
+        return dense(x, kernel, None, dtype, None)
+    starts = jnp.asarray([min(i * size, m - size) for i in range(count)])
+
+    def piece(start):
+        rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), kernel)
+        return dense(x, rows.replace(shape=(n, size)), None, dtype, None)
+
+    ys = jax.lax.map(piece, starts)  # (S, ..., size); the last slice may overlap the one before
+    overlap = count * size - m
+    head = jnp.moveaxis(ys[:-1], 0, -2).reshape(*x.shape[:-1], (count - 1) * size)
+    return jnp.concatenate([head, ys[-1][..., overlap:]], axis=-1)
+
+
+def slice_plan(total: int, most: int) -> tuple[int, int]:
+    """(count, size): the fewest slices of at most ``most`` rows that cover
+    ``total`` rows, all of one size; the last starts at ``total - size`` and
+    may overlap the one before (`dense_in_slices`, the loss by vocabulary
+    slices)."""
+    count = -(-total // max(most, 1))
+    return count, -(-total // count)
+
+
+def embed(ids: Array, table: QuantizedKernel) -> Float[Array, "*ids n"]:
+    """``nn.Embed`` on a quantized table: the rows ``ids`` of W, dequantized.
+
+    Only the looked-up rows' blocks are gathered and dequantized, so a
+    training step never holds the float table (V, D).
+
+    Args:
+        ids: int token ids, any shape.
+        table: an embedding `QuantizedKernel` (``embedding=True``), (V, D).
+
+    Returns:
+        ids.shape + (D,) in ``table.dtype``.
+    """
+    flat_ids = jnp.reshape(ids, (-1,))
+
+    def rows(x: Array | None) -> Array | None:
+        return None if x is None else jnp.take(x, flat_ids, axis=0)
+
+    picked = table.replace(
+        codes=rows(table.codes), scales=rows(table.scales), offsets=rows(table.offsets)
     )
-    if bias is None:
-        return y
-    return y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + bias.shape)
+    return picked.weight().astype(table.dtype).reshape(*jnp.shape(ids), -1)
 
 
 def nbytes(params: Mapping) -> int:
-    """Bytes of every array in ``params`` (quantized kernels at their packed size)."""
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+    """Bytes of every array in ``params`` (quantized kernels at their packed
+    size; an array that two leaves share, such as a tied head's blocks, once)."""
+    unique = {id(x): x for x in jax.tree.leaves(params)}.values()
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in unique)

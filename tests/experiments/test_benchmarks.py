@@ -178,9 +178,10 @@ def test_step_memory_table_totals_each_step_against_the_float_default():
 
 
 def test_step_memory_remat_curve_compiles_the_lean_q4_step_per_count(monkeypatch):
-    """``--remat-curve 0,12`` asks the memory-scheduler child for the q4
-    chunked-loss step at each count, and the default child for the float
-    reference only; the table labels each count."""
+    """``--remat-curve 0,12`` asks the memory-scheduler child for the lean q4
+    step (the loss by vocabulary slices; with ``--fused``, fused chunks) at
+    each count, and the default child for the float reference only; the
+    table labels each count."""
     import benchmarks.step_memory as sm
 
     asked = []
@@ -188,21 +189,23 @@ def test_step_memory_remat_curve_compiles_the_lean_q4_step_per_count(monkeypatch
     def fake(scheduler, configs=sm.CONFIGS):
         asked.append((scheduler, [tuple(c) for c in configs]))
         rows = []
-        for base, chunk, remat, *fused in configs:
+        for base, chunk, remat, *rest in configs:
             temp = 200.0 if base == "float" else 100.0
             row = dict(base=base, chunk=chunk, remat=remat, scheduler=scheduler, temp_mib=temp)
-            row["fused"] = fused[0] if fused else False
+            row["fused"] = rest[0] if rest else False
+            row["vocab_rows"] = rest[1] if len(rest) > 1 else 0
             rows.append({**row, "base_mib": 10.0, "other_args_mib": 0.0})
         return rows
 
     monkeypatch.setattr(sm, "run_scheduler", fake)
     table = sm.main(["--remat-curve", "0,12"])
-    chunk = sm.LEAN_LOSS_CHUNK
-    curve = [("q4", chunk, 0, False), ("q4", chunk, 12, False)]
+    chunk, rows = sm.LEAN_LOSS_CHUNK, sm.LEAN_VOCAB_ROWS
+    curve = [("q4", 0, 0, False, rows), ("q4", 0, 12, False, rows)]
     assert asked == [("default", [sm.CONFIGS[0]]), ("memory", curve)]
     assert "--remat-curve 0,12" in table
-    assert "| q4 | 128-token chunks | no | memory |" in table
-    assert "| q4 | 128-token chunks | first 12 | memory | 10 | 100 | 110 | 0.524 |" in table
+    assert "| q4 | 6144-word vocabulary slices | no | memory |" in table
+    sliced = "| q4 | 6144-word vocabulary slices |"
+    assert f"{sliced} first 12 | memory | 10 | 100 | 110 | 0.524 |" in table
     asked.clear()
     table = sm.main(["--remat-curve", "30", "--fused"])
     assert asked[1] == ("memory", [("q4", chunk, 30, True)])

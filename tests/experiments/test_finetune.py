@@ -338,6 +338,62 @@ def test_chunked_loss_equals_the_whole_logits_loss(tokenizer, tiny, head):
         assert_f32_close(chunked, whole, terms=vocab, layers=model.config.num_hidden_layers)
         for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole), strict=True):
             assert_f32_close(a, b, terms=batch["input_ids"].size * vocab, layers=2)
+    # cut by the vocabulary instead: slices of at most vocab // 3 + 1 words
+    loss_fn = finetune.causal_lm_loss(model, vocab_rows=vocab // 3 + 1)
+    sliced, g_sliced = jax.jit(
+        jax.value_and_grad(lambda a: loss_fn(gl.join(frozen, a), batch, None))
+    )(adapters)
+    assert_f32_close(sliced, whole, terms=vocab, layers=model.config.num_hidden_layers)
+    for a, b in zip(jax.tree.leaves(g_sliced), jax.tree.leaves(g_whole), strict=True):
+        assert_f32_close(a, b, terms=batch["input_ids"].size * vocab, layers=2)
+    with pytest.raises(ValueError, match="by positions or by the vocabulary, not both"):
+        finetune.causal_lm_loss(model, chunk=7, vocab_rows=64)
+    with pytest.raises(ValueError, match="fused=True applies to the chunked loss"):
+        finetune.causal_lm_loss(model, vocab_rows=64, fused=True)
+
+
+@pytest.mark.parametrize("head", ["float", "nf4"])
+def test_vocab_sliced_head_loss_gives_every_gradient(head):
+    """`vocab_sliced_head_loss` (an online log-sum-exp over slices of the
+    vocabulary, slices that do not divide it evenly asked for) gives the
+    whole-logits loss and its gradients with respect to the hidden states and
+    the head (a quantized head's scales too)."""
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(64, 96)) * 0.5, jnp.float32)
+    if head == "nf4":
+        kernel = gl.quant.quantize_nf4(kernel)
+    labels = jnp.asarray(rng.integers(0, 96, (2, 5))).at[0, 0].set(95)  # the last word
+    mask = jnp.ones((2, 5)).at[1, 3:].set(0)
+
+    def whole(h, k):
+        w = k.dequantize() if head == "nf4" else k
+        ce = optax.softmax_cross_entropy_with_integer_labels(h @ w, labels)
+        return jnp.sum(ce * mask)
+
+    def floats(grad_k):  # the head's float leaves (a quantized head: its scales)
+        return grad_k.scales if head == "nf4" else grad_k
+
+    want_value = whole(hidden, kernel)
+    want = jax.grad(whole, argnums=(0, 1), allow_int=True)(hidden, kernel)
+    # 1 slice; 3 of 32; 5 of 20; 7 of 14, the last overlapping the one before by 2
+    for rows in (96, 32, 20, 14):
+
+        def sliced(h, k, rows=rows):
+            return finetune.vocab_sliced_head_loss(h, k, labels, mask, rows)
+
+        assert_f32_close(sliced(hidden, kernel), want_value, terms=96, layers=2)
+        got = jax.grad(sliced, argnums=(0, 1), allow_int=True)(hidden, kernel)
+        assert_f32_close(got[0], want[0], terms=96 * 64, layers=2)
+        assert_f32_close(floats(got[1]), floats(want[1]), terms=10 * 64, layers=2)
+    # a counted label outside the vocabulary is NaN (as the whole-logits loss);
+    # an uncounted one, such as -100, is ignored
+    bad = labels.at[1, 4].set(-100)
+    assert np.isfinite(finetune.vocab_sliced_head_loss(hidden, kernel, bad, mask, 32))
+    nan = finetune.vocab_sliced_head_loss(hidden, kernel, labels.at[0, 1].set(96), mask, 32)
+    assert np.isnan(nan)
+    with pytest.raises(ValueError, match="at least one word"):
+        finetune.vocab_sliced_head_loss(hidden, kernel, labels, mask, 0)
 
 
 def test_fused_head_loss_gives_every_gradient_and_skips_the_head_recompute_when_frozen():
@@ -393,7 +449,7 @@ def test_chunked_loss_refuses_an_adapted_head(tiny):
     params = gl.wrap(base, ["lm_head"], gl.LoRAConfig(rank=2))
     ids = jnp.ones((1, 8), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": ids, "labels": ids, "loss_mask": ids}
-    with pytest.raises(ValueError, match=r"lm_head.*--loss-chunk 0"):
+    with pytest.raises(ValueError, match=r"lm_head.*the whole-logits loss"):
         finetune.causal_lm_loss(model, chunk=4)(params, batch, None)
 
 
