@@ -301,7 +301,7 @@ def vocab_sliced_head_loss(hidden, kernel, labels, mask, rows: int, dtype=None) 
     count, size = gl.quant.slice_plan(vocab, rows)
     # slice i covers words [start_i, start_i + size) and counts those from i · size on
     # (the last slice starts early when size does not divide V, never past the end)
-    starts = jnp.asarray([min(i * size, vocab - size) for i in range(count)])
+    starts = gl.quant.slice_starts(vocab, count, size)
     h = hidden.reshape(-1, d)
     y = labels.reshape(-1)
     m = mask.reshape(-1).astype(jnp.float32)
@@ -311,8 +311,7 @@ def vocab_sliced_head_loss(hidden, kernel, labels, mask, rows: int, dtype=None) 
     def weight(k, start, anchor):
         """Words [start, start + size) of W, (size, D): float, dequantized after ``anchor``."""
         if quantized:
-            piece = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), k)
-            return gl.quant.weight_after(piece.replace(shape=(d, size)), anchor)
+            return gl.quant.weight_after(k.rows(start, size), anchor)
         return jax.lax.dynamic_slice_in_dim(k, start, size, axis=1).T
 
     def slice_logits(h, w, i, start):

@@ -108,6 +108,12 @@ class QuantizedKernel(struct.PyTreeNode):
         w = self.weight()
         return (w if self.embedding else w.T).astype(self.dtype)
 
+    def rows(self, start: int | Array, size: int) -> QuantizedKernel:
+        """Rows [start, start + size) of W (``start`` may be traced), as a
+        kernel (n, size): the blocks sliced, not dequantized."""
+        piece = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), self)
+        return piece.replace(shape=(self.shape[0], size))
+
     def as_embedding(self) -> QuantizedKernel:
         """The same blocks (shared, not copied) read as an embedding table
         (m, n) = W: a tied head's kernel doubles as the input embedding."""
@@ -279,8 +285,8 @@ def dense(
     float W for the whole step, under `jax.checkpoint` or not. The
     gradients with respect to ``x`` and ``bias`` are exact; so are those
     with respect to the float scales and offsets (through W); the integer
-    codes get none. When the base is frozen, the
-    last two are unused and compiled away.
+    codes get none. When the base is frozen, the last two are unused and
+    compiled away.
     """
     return _dense(x, kernel.weight().astype(kernel.dtype), bias, dtype, precision)
 
@@ -341,13 +347,10 @@ def dense_in_slices(
     count, size = slice_plan(m, max(SLICE_BYTES // (4 * n), 1))
     if count == 1:
         return dense(x, kernel, None, dtype, None)
-    starts = jnp.asarray([min(i * size, m - size) for i in range(count)])
-
-    def piece(start):
-        rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), kernel)
-        return dense(x, rows.replace(shape=(n, size)), None, dtype, None)
-
-    ys = jax.lax.map(piece, starts)  # (S, ..., size); the last slice may overlap the one before
+    ys = jax.lax.map(  # (S, ..., size); the last slice may overlap the one before
+        lambda start: dense(x, kernel.rows(start, size), None, dtype, None),
+        slice_starts(m, count, size),
+    )
     overlap = count * size - m
     head = jnp.moveaxis(ys[:-1], 0, -2).reshape(*x.shape[:-1], (count - 1) * size)
     return jnp.concatenate([head, ys[-1][..., overlap:]], axis=-1)
@@ -360,6 +363,13 @@ def slice_plan(total: int, most: int) -> tuple[int, int]:
     slices)."""
     count = -(-total // max(most, 1))
     return count, -(-total // count)
+
+
+def slice_starts(total: int, count: int, size: int) -> Array:
+    """(count,) int: where each slice of `slice_plan` starts, the last one at
+    ``total - size`` (early, overlapping the one before, when size does not
+    divide total)."""
+    return jnp.asarray([min(i * size, total - size) for i in range(count)])
 
 
 def embed(ids: Array, table: QuantizedKernel) -> Float[Array, "*ids n"]:
@@ -376,13 +386,7 @@ def embed(ids: Array, table: QuantizedKernel) -> Float[Array, "*ids n"]:
         ids.shape + (D,) in ``table.dtype``.
     """
     flat_ids = jnp.reshape(ids, (-1,))
-
-    def rows(x: Array | None) -> Array | None:
-        return None if x is None else jnp.take(x, flat_ids, axis=0)
-
-    picked = table.replace(
-        codes=rows(table.codes), scales=rows(table.scales), offsets=rows(table.offsets)
-    )
+    picked = jax.tree.map(lambda a: jnp.take(a, flat_ids, axis=0), table)
     return picked.weight().astype(table.dtype).reshape(*jnp.shape(ids), -1)
 
 
