@@ -121,8 +121,8 @@ def flax_config(config):
         raise NotImplementedError(
             f"the Flax Gemma hard-codes rope_theta=10000, the config has {config.rope_theta}."
         )
-    if config.model_type == "llama" and float(getattr(config, "rope_theta", 1e4)) != 1e4:
-        patch_llama_rope()
+    if config.model_type == "llama":
+        patch_llama_rope()  # rope_theta honoured, no per-layer sin/cos table
     config.max_position_embeddings = min(config.max_position_embeddings, MAX_POSITIONS)
     return config
 

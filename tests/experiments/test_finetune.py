@@ -183,18 +183,21 @@ def test_flax_config_maps_qwen2_to_a_biased_llama_and_caps_positions():
         models.flax_config(scaled)
 
 
-def test_rope_table_matches_transformers_and_the_formula():
+def test_rope_sin_cos_matches_transformers_table_and_the_formula():
     from transformers.models.llama import modeling_flax_llama
 
-    np.testing.assert_array_equal(
-        gguf.rope_table(64, 16, 10000.0),
-        np.asarray(modeling_flax_llama.create_sinusoidal_positions(64, 16)),
-    )
-    table = gguf.rope_table(40, 8, 5e5)
+    positions = jnp.arange(64)[None]
+    sin, cos = gguf.rope_sin_cos(positions, 16, 10000.0)
+    table = np.asarray(modeling_flax_llama.create_sinusoidal_positions(64, 16))
+    # the table rounds a float64 angle, rope_sin_cos forms it in float32 (as torch
+    # does): an ulp of angles below 64 rad is at most 4e-6
+    np.testing.assert_allclose(sin[0], table[:, :, :16], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cos[0], table[:, :, 16:], rtol=0, atol=1e-5)
+    sin, cos = gguf.rope_sin_cos(jnp.array([[37]]), 8, 5e5)
     pos, i = 37, 3  # frequency index i < d/2, repeated at i + d/2
     angle = pos * 5e5 ** (-2 * i / 8)
-    np.testing.assert_allclose(table[pos, 0, [i, i + 4]], math.sin(angle), rtol=1e-6)
-    np.testing.assert_allclose(table[pos, 0, [8 + i, 12 + i]], math.cos(angle), rtol=1e-6)
+    np.testing.assert_allclose(sin[0, 0, 0, [i, i + 4]], math.sin(angle), rtol=1e-6)
+    np.testing.assert_allclose(cos[0, 0, 0, [i, i + 4]], math.cos(angle), rtol=1e-6)
 
 
 @pytest.mark.lenient
